@@ -1,0 +1,31 @@
+"""shmrate: rate limits shared by every process on one host, with no server."""
+
+from __future__ import annotations
+
+from .errors import (
+    CapacityError,
+    ClosedError,
+    KindMismatch,
+    LayoutMismatch,
+    SegmentMissing,
+    ShmrateError,
+    StaleLimiter,
+    WaitTimeout,
+)
+from .limiter import RateLimiter
+from .token_bucket import TokenBucket
+
+__all__ = [
+    "CapacityError",
+    "ClosedError",
+    "KindMismatch",
+    "LayoutMismatch",
+    "RateLimiter",
+    "SegmentMissing",
+    "ShmrateError",
+    "StaleLimiter",
+    "TokenBucket",
+    "WaitTimeout",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,177 @@
+"""The layout of a shmrate segment, described once with numpy dtypes.
+
+A segment is a fixed header followed by typed tables. Every field is a
+little-endian int64, so the hot path reads and writes fields through a
+``memoryview`` cast to ``'q'`` using the word indices defined here, and numpy
+views of the same bytes serve the scans and the introspection.
+
+Header (``HEADER``, 512 bytes at offset 0)::
+
+    word  field         unit / meaning                           written by
+    0     magic         b"shmrate\\0" as an int64                creator, once
+    1     version       LAYOUT_VERSION                            creator, once
+    2     kind          KIND_* below                              creator, once
+    3     state         0 initialising, 1 ready                   creator, last
+    4     holder        >0 owner token of the lock holder;        every holder
+                        <=0 minus the time (ns) of the last release
+    5     size          segment size in bytes                     creator, once
+    6     boot          hash of the kernel boot id                creator; repair
+    7     created_ns    wall-clock time of creation (ns)          creator, once
+    8     recoveries    locks taken over from dead holders        recoverer
+    9     reaped        leases reclaimed from dead owners         reaper
+    10-15 p0..p5        parameters of the kind (see each class)   creator, once
+    16    name_len      bytes of the UTF-8 name                   creator, once
+    32-63 name          the name given by the user (<=256 bytes)  creator, once
+
+Bucket row (``BUCKET``, 128 bytes; a TokenBucket has one, a BandwidthManager one
+per stream). Tokens are kept in milli-tokens (mt) so that a refill of whole
+milliseconds at ``rate`` tokens/s adds exactly ``ms * rate`` mt::
+
+    word  field          unit / meaning
+    0     rate           tokens per second (also mt per ms)
+    1     cap_mt         capacity, mt: max(rate, 1024) * 1000
+    2     tokens_mt      tokens on hand, mt
+    3     last_ns        monotonic time up to which refill was credited, ns
+    4     q_head_mt      mt paid to queued waiters so far (this queue generation)
+    5     q_tail_mt      mt queued waiters asked for (this queue generation)
+    6     q_gen          bumped each time the queue drains and restarts at 0
+    7     gen            row generation; 0 means the row is free
+    8-13  stats          allowed calls/units, refused calls/units, waits, waited_ns
+    14    owner_row      BandwidthManager: stream row that owns this bucket
+    15    (spare)
+
+Invariants of a bucket row, true whenever the lock is free:
+
+* ``0 <= tokens_mt <= cap_mt``;
+* ``0 <= q_head_mt <= q_tail_mt``;
+* the queue holds waiters (``q_head_mt < q_tail_mt``) only while
+  ``tokens_mt == 0``: refills pay the queue first, so ``allow()`` can test
+  ``tokens_mt`` alone and still never jump the queue;
+* ``last_ns <= now``; it advances in whole milliseconds, so sub-millisecond
+  remainders are credited later, never lost.
+
+A holder killed between two writes can break only the first two; the recovery
+clamps them (``repair_bucket`` in ``_bucket.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "BUCKET",
+    "HEADER",
+    "HEADER_BYTES",
+    "KIND_BANDWIDTH",
+    "KIND_BUCKET",
+    "KIND_CONNECTIONS",
+    "KIND_NAMES",
+    "LAYOUT_VERSION",
+    "MAGIC",
+    "WORD",
+]
+
+WORD = 8
+MAGIC = int.from_bytes(b"shmrate\0", "little")
+LAYOUT_VERSION = 1
+
+KIND_BUCKET = 1
+KIND_CONNECTIONS = 2
+KIND_BANDWIDTH = 3
+KIND_NAMES = {
+    KIND_BUCKET: "TokenBucket",
+    KIND_CONNECTIONS: "ConnectionLimiter",
+    KIND_BANDWIDTH: "BandwidthManager",
+}
+
+STATE_INIT = 0
+STATE_READY = 1
+
+NAME_MAX_BYTES = 128
+
+_I8 = "<i8"
+
+HEADER = np.dtype(
+    [
+        ("magic", _I8),
+        ("version", _I8),
+        ("kind", _I8),
+        ("state", _I8),
+        ("holder", _I8),
+        ("size", _I8),
+        ("boot", _I8),
+        ("created_ns", _I8),
+        ("recoveries", _I8),
+        ("reaped", _I8),
+        ("p", _I8, (6,)),
+        ("name_len", _I8),
+        ("spare", _I8, (15,)),
+        ("name", "S256"),
+    ]
+)
+HEADER_BYTES = HEADER.itemsize
+assert HEADER_BYTES == 512
+
+H_MAGIC = 0
+H_VERSION = 1
+H_KIND = 2
+H_STATE = 3
+H_HOLDER = 4
+H_SIZE = 5
+H_BOOT = 6
+H_CREATED_NS = 7
+H_RECOVERIES = 8
+H_REAPED = 9
+H_P0 = 10
+H_NAME_LEN = 16
+H_NAME_BYTE = 32 * WORD
+
+BUCKET = np.dtype(
+    [
+        ("rate", _I8),
+        ("cap_mt", _I8),
+        ("tokens_mt", _I8),
+        ("last_ns", _I8),
+        ("q_head_mt", _I8),
+        ("q_tail_mt", _I8),
+        ("q_gen", _I8),
+        ("gen", _I8),
+        ("allowed_calls", _I8),
+        ("allowed_units", _I8),
+        ("refused_calls", _I8),
+        ("refused_units", _I8),
+        ("waits", _I8),
+        ("waited_ns", _I8),
+        ("owner_row", _I8),
+        ("spare", _I8),
+    ]
+)
+BUCKET_WORDS = BUCKET.itemsize // WORD
+
+
+def _word(dtype: np.dtype[np.void], field: str) -> int:
+    return int(dtype.fields[field][1]) // WORD  # type: ignore[index]
+
+
+B_RATE = _word(BUCKET, "rate")
+B_CAP = _word(BUCKET, "cap_mt")
+B_TOKENS = _word(BUCKET, "tokens_mt")
+B_LAST = _word(BUCKET, "last_ns")
+B_QHEAD = _word(BUCKET, "q_head_mt")
+B_QTAIL = _word(BUCKET, "q_tail_mt")
+B_QGEN = _word(BUCKET, "q_gen")
+B_GEN = _word(BUCKET, "gen")
+B_ALLOWED_CALLS = _word(BUCKET, "allowed_calls")
+B_ALLOWED_UNITS = _word(BUCKET, "allowed_units")
+B_REFUSED_CALLS = _word(BUCKET, "refused_calls")
+B_REFUSED_UNITS = _word(BUCKET, "refused_units")
+B_WAITS = _word(BUCKET, "waits")
+B_WAITED_NS = _word(BUCKET, "waited_ns")
+B_OWNER_ROW = _word(BUCKET, "owner_row")
+
+# The largest rate accepted, in tokens (bytes) per second: capacity in
+# milli-tokens must stay far inside int64.
+MAX_RATE = 10**15
+MIN_CAPACITY = 1024
+MT = 1000  # milli-tokens per token
+NS_PER_MS = 1_000_000
