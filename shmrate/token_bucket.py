@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Generator
 from time import monotonic_ns
 from typing import Any
 
@@ -194,25 +195,31 @@ class TokenBucket:
         at once if the tokens cannot be there within ``timeout`` seconds at the
         current rate. A wait that fails or is interrupted takes nothing.
         """
-        n = _check.amount(n)
-        timeout_ns = _check.timeout_ns(timeout)
-        started = monotonic_ns()
-        deadline = None if timeout_ns is None else started + timeout_ns
-        ticket = self._enqueue(n, deadline)
-        if ticket is None:
-            return
+        steps = self._wait_steps(n, timeout)
         try:
-            while (delay := self._delay(ticket, deadline, started)) is not None:
-                time.sleep(delay)
-        except WaitTimeout:
-            raise
-        except BaseException:
-            self._cancel(ticket)
-            raise
+            for delay_s in steps:
+                time.sleep(delay_s)
+        finally:
+            steps.close()
 
     async def allow_n_async(self, n: int, timeout: float | None = None) -> None:
         """:meth:`allow_n` for asyncio. Cancelling it before it is granted
         takes nothing."""
+        steps = self._wait_steps(n, timeout)
+        try:
+            for delay_s in steps:
+                await asyncio.sleep(delay_s)
+        finally:
+            steps.close()
+
+    def _wait_steps(
+        self, n: int, timeout: float | None
+    ) -> Generator[float, None, None]:
+        """The one wait behind both forms: yields how long to sleep next.
+
+        Closing it before it finishes (an exception or a cancellation in the
+        sleep) withdraws the wait.
+        """
         n = _check.amount(n)
         timeout_ns = _check.timeout_ns(timeout)
         started = monotonic_ns()
@@ -220,14 +227,14 @@ class TokenBucket:
         ticket = self._enqueue(n, deadline)
         if ticket is None:
             return
+        granted = False
         try:
-            while (delay := self._delay(ticket, deadline, started)) is not None:
-                await asyncio.sleep(delay)
-        except WaitTimeout:
-            raise
-        except BaseException:
-            self._cancel(ticket)
-            raise
+            while (delay_s := self._delay(ticket, deadline, started)) is not None:
+                yield delay_s
+            granted = True
+        finally:
+            if not granted:
+                self._cancel(ticket)
 
     def _enqueue(self, n: int, deadline: int | None) -> _bucket.Ticket | None:
         """Take ``n`` now (None) or queue for it; refuse what cannot succeed."""
@@ -264,7 +271,7 @@ class TokenBucket:
                 return None
             wake = _bucket.wake_ns(row, ticket)
             if deadline is not None and (wake is None or wake > deadline):
-                _bucket.cancel(row, ticket)
+                # The rate dropped: raise, and _wait_steps withdraws the wait.
                 raise self._timeout(ticket.need_mt // MT, row, deadline - started)
             sleep_ns = WAIT_SLICE_NS if wake is None else min(wake - now, WAIT_SLICE_NS)
             return max(sleep_ns, 0) / 1e9
