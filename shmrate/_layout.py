@@ -21,6 +21,16 @@ Header (``HEADER``, 512 bytes at offset 0)::
     9     reaped        leases reclaimed from dead owners         reaper
     10-15 p0..p5        parameters of the kind (see each class)   creator, once
     16    name_len      bytes of the UTF-8 name                   creator, once
+    17    count         connections held / bytes/s allocated /    every holder
+                        keys live (by kind)
+    18    free_top      entries on the stream rows' free list     every holder
+    19    tombs         deleted slots in the stream index         every holder
+    20    next_gen      the next generation number to hand out    every holder
+    21    last_reap_ns  monotonic time of the last automatic reap reaper
+    22    seed          random seed of the stream-key hash        creator, once
+    23    lease_free    entries on the lease free list            every holder
+    24    evictions     keys evicted from a full keyed table      every holder
+    25-31 (spare)
     32-63 name          the name given by the user (<=256 bytes)  creator, once
 
 Bucket row (``BUCKET``, 128 bytes; a TokenBucket has one, a BandwidthManager one
@@ -65,6 +75,8 @@ __all__ = [
     "KIND_BANDWIDTH",
     "KIND_BUCKET",
     "KIND_CONNECTIONS",
+    "KIND_KEYED",
+    "KIND_LIMITS",
     "KIND_NAMES",
     "LAYOUT_VERSION",
     "MAGIC",
@@ -78,10 +90,14 @@ LAYOUT_VERSION = 1
 KIND_BUCKET = 1
 KIND_CONNECTIONS = 2
 KIND_BANDWIDTH = 3
+KIND_KEYED = 4
+KIND_LIMITS = 5
 KIND_NAMES = {
     KIND_BUCKET: "TokenBucket",
     KIND_CONNECTIONS: "ConnectionLimiter",
     KIND_BANDWIDTH: "BandwidthManager",
+    KIND_KEYED: "KeyedTokenBucket",
+    KIND_LIMITS: "limits storage",
 }
 
 STATE_INIT = 0
@@ -105,7 +121,15 @@ HEADER = np.dtype(
         ("reaped", _I8),
         ("p", _I8, (6,)),
         ("name_len", _I8),
-        ("spare", _I8, (15,)),
+        ("count", _I8),
+        ("free_top", _I8),
+        ("tombs", _I8),
+        ("next_gen", _I8),
+        ("last_reap_ns", _I8),
+        ("seed", _I8),
+        ("lease_free", _I8),
+        ("evictions", _I8),
+        ("spare", _I8, (7,)),
         ("name", "S256"),
     ]
 )
@@ -124,6 +148,14 @@ H_RECOVERIES = 8
 H_REAPED = 9
 H_P0 = 10
 H_NAME_LEN = 16
+H_COUNT = 17
+H_FREE_TOP = 18
+H_TOMBS = 19
+H_NEXT_GEN = 20
+H_LAST_REAP_NS = 21
+H_SEED = 22
+H_LEASE_FREE = 23
+H_EVICTIONS = 24
 H_NAME_BYTE = 32 * WORD
 
 BUCKET = np.dtype(
