@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .bandwidth import BandwidthManager
+from .connections import ConnectionLimiter
 from .errors import (
     CapacityError,
     ClosedError,
@@ -16,8 +18,10 @@ from .limiter import RateLimiter
 from .token_bucket import TokenBucket
 
 __all__ = [
+    "BandwidthManager",
     "CapacityError",
     "ClosedError",
+    "ConnectionLimiter",
     "KindMismatch",
     "LayoutMismatch",
     "RateLimiter",

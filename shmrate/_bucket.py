@@ -34,6 +34,7 @@ from ._layout import (
     B_QTAIL,
     B_RATE,
     B_TOKENS,
+    BUCKET_WORDS,
     MIN_CAPACITY,
     MT,
     NS_PER_MS,
@@ -52,6 +53,9 @@ __all__ = [
     "set_rate",
     "wake_ns",
 ]
+
+
+_ZERO_TAIL = memoryview(bytes((BUCKET_WORDS - B_GEN - 1) * 8)).cast("q")
 
 
 class Ticket(NamedTuple):
@@ -76,8 +80,7 @@ def init_row(row: memoryview, rate: int, now_ns: int, gen: int) -> None:
     row[B_QHEAD] = 0
     row[B_QTAIL] = 0
     row[B_QGEN] = row[B_QGEN] + 1
-    for i in range(B_GEN + 1, len(row)):
-        row[i] = 0
+    row[B_GEN + 1 :] = _ZERO_TAIL
     row[B_OWNER_ROW] = -1
     row[B_GEN] = gen
 
@@ -102,7 +105,13 @@ def credit(row: memoryview, add_mt: int) -> None:
 
 
 def refill(row: memoryview, now_ns: int) -> None:
-    """Credit the whole milliseconds elapsed since ``last_ns``."""
+    """Credit the whole milliseconds elapsed since ``last_ns``.
+
+    Once the bucket is full, the part of a millisecond not yet credited is
+    dropped too (``last_ns`` jumps to now): a full bucket gains nothing from
+    time, and keeping that remainder would admit up to ``rate * 1 ms`` more
+    than ``rate * elapsed + capacity``.
+    """
     last = row[B_LAST]
     ms = (now_ns - last) // NS_PER_MS
     if ms > 0:
@@ -110,6 +119,8 @@ def refill(row: memoryview, now_ns: int) -> None:
         add = ms * row[B_RATE]
         if add:
             credit(row, add)
+        if row[B_TOKENS] == row[B_CAP]:
+            row[B_LAST] = now_ns
 
 
 def set_rate(row: memoryview, rate: int, now_ns: int) -> None:

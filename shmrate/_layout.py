@@ -30,7 +30,9 @@ Header (``HEADER``, 512 bytes at offset 0)::
     22    seed          random seed of the stream-key hash        creator, once
     23    lease_free    entries on the lease free list            every holder
     24    evictions     keys evicted from a full keyed table      every holder
-    25-31 (spare)
+    25    allowed       requests granted (streams kinds)          every holder
+    26    refused       requests refused (streams kinds)          every holder
+    27-31 (spare)
     32-63 name          the name given by the user (<=256 bytes)  creator, once
 
 Bucket row (``BUCKET``, 128 bytes; a TokenBucket has one, a BandwidthManager one
@@ -129,7 +131,9 @@ HEADER = np.dtype(
         ("seed", _I8),
         ("lease_free", _I8),
         ("evictions", _I8),
-        ("spare", _I8, (7,)),
+        ("allowed", _I8),
+        ("refused", _I8),
+        ("spare", _I8, (5,)),
         ("name", "S256"),
     ]
 )
@@ -156,6 +160,8 @@ H_LAST_REAP_NS = 21
 H_SEED = 22
 H_LEASE_FREE = 23
 H_EVICTIONS = 24
+H_ALLOWED = 25
+H_REFUSED = 26
 H_NAME_BYTE = 32 * WORD
 
 BUCKET = np.dtype(
@@ -207,3 +213,63 @@ MAX_RATE = 10**15
 MIN_CAPACITY = 1024
 MT = 1000  # milli-tokens per token
 NS_PER_MS = 1_000_000
+
+
+# Stream row (``STREAM``, 192 bytes), for ConnectionLimiter and BandwidthManager.
+# Rows never move: the open-addressing index (one int64 slot per entry: EMPTY,
+# TOMB or a row number) points at them, and a free list holds the unused ones::
+#
+#     word  field     unit / meaning
+#     0     live      1 while the row holds a stream
+#     1     hash      crc32 of the key, seeded with the header's seed
+#     2     key_len   bytes of the key
+#     3     value     connections held / bytes/s allocated
+#     4     owner     BandwidthManager: owner token of the allocation
+#     5     allowed   requests granted for this stream
+#     6     refused   requests refused for this stream
+#     7     (spare)
+#     8-23  key       the stream ID, UTF-8, <= 128 bytes
+#
+# Invariants (whenever the lock is free; ``repair`` restores them from the rows
+# and leases, which are the truth):
+#
+# * the index holds exactly the live rows, each once, reachable by probing
+#   from ``hash & (slots - 1)``; the free list holds exactly the other rows;
+# * ConnectionLimiter: a row is live iff some lease points at it, its value is
+#   the number of leases that do, and the header count is the number of live
+#   leases;
+# * BandwidthManager: the header count is the sum of the live rows' values and
+#   at most the pool; bucket row i belongs to stream row i while it is live
+#   (its gen is non-zero exactly then).
+STREAM = np.dtype(
+    [
+        ("live", _I8),
+        ("hash", _I8),
+        ("key_len", _I8),
+        ("value", _I8),
+        ("owner", _I8),
+        ("allowed", _I8),
+        ("refused", _I8),
+        ("spare", _I8),
+        ("key", "S128"),
+    ]
+)
+STREAM_WORDS = STREAM.itemsize // WORD
+S_LIVE = _word(STREAM, "live")
+S_HASH = _word(STREAM, "hash")
+S_KEY_LEN = _word(STREAM, "key_len")
+S_VALUE = _word(STREAM, "value")
+S_OWNER = _word(STREAM, "owner")
+S_ALLOWED = _word(STREAM, "allowed")
+S_REFUSED = _word(STREAM, "refused")
+S_KEY_BYTE = STREAM.fields["key"][1]  # type: ignore[index]
+KEY_MAX_BYTES = 128
+
+INDEX_EMPTY = -1
+INDEX_TOMB = -2
+
+# Lease (``LEASE``, 16 bytes): one connection slot. ``owner`` is 0 when free.
+LEASE = np.dtype([("owner", _I8), ("row", _I8)])
+LEASE_WORDS = LEASE.itemsize // WORD
+L_OWNER = 0
+L_ROW = 1

@@ -29,6 +29,7 @@ import fcntl
 import logging
 import time
 from collections.abc import Callable
+from time import monotonic_ns
 
 import posix_ipc
 
@@ -72,21 +73,23 @@ class SegmentLock:
         self.shm_name = shm_name
         self.label = label
         self.repair = repair
+        self._sem_acquire = sem.acquire
+        self._sem_release = sem.release
 
     def acquire(self) -> None:
         """Take the lock and record this process as its holder."""
         try:
-            self.sem.acquire(LOCK_SLICE_S)
+            self._sem_acquire(LOCK_SLICE_S)
         except SLOW:
             self.wait_slow()
         except posix_ipc.ExistentialError:
             raise ClosedError(f"{self.label} is closed in this process") from None
-        self.words[H_HOLDER] = _owner.current()
+        self.words[H_HOLDER] = _owner._token
 
     def release(self) -> None:
         """Give the lock back. Caller holds it."""
-        self.words[H_HOLDER] = -time.monotonic_ns()
-        self.sem.release()
+        self.words[H_HOLDER] = -monotonic_ns()
+        self._sem_release()
 
     def wait_slow(self) -> None:
         """Wait for the lock after a first timed wait ran out or was interrupted.

@@ -37,7 +37,10 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import posix_ipc
 
 from ._layout import (
@@ -61,7 +64,7 @@ from ._layout import (
 from ._lock import SegmentLock
 from .errors import KindMismatch, LayoutMismatch, SegmentMissing
 
-__all__ = ["Segment", "SegmentSpec", "check_name", "shm_name_for"]
+__all__ = ["Segment", "SegmentSpec", "TransientViews", "check_name", "shm_name_for"]
 
 log = logging.getLogger("shmrate")
 
@@ -157,7 +160,12 @@ class Segment:
         self.sem = sem
         self.lock = SegmentLock(sem, self.words, shm_name, self.label, repair)
         self.closed = False
-        self._views: list[memoryview] = []
+        # Views handed out, released at close. Weakly held: a view nobody
+        # uses any more (a stale limiter's row) goes with its last reference.
+        self._views: weakref.WeakValueDictionary[int, memoryview] = (
+            weakref.WeakValueDictionary()
+        )
+        self._arrays: list[npt.NDArray[Any]] = []
         self._finalizer: weakref.finalize[[str, int], Segment] | None = None
 
     # -- creation ------------------------------------------------------------
@@ -216,8 +224,22 @@ class Segment:
     def view(self, first_word: int, words: int) -> memoryview:
         """An int64 view of ``words`` words; released when the segment closes."""
         v = self.words[first_word : first_word + words]
-        self._views.append(v)
+        self._views[id(v)] = v
         return v
+
+    def byte_view(self, first_byte: int, size: int) -> memoryview:
+        """A bytes view; released when the segment closes."""
+        v = memoryview(self._mm)[first_byte : first_byte + size]
+        self._views[id(v)] = v
+        return v
+
+    def array(
+        self, first_word: int, dtype: np.dtype[Any], count: int
+    ) -> npt.NDArray[Any]:
+        """A numpy view of ``count`` records, for scans; dropped at close."""
+        a = np.frombuffer(self._mm, dtype=dtype, count=count, offset=first_word * 8)
+        self._arrays.append(a)
+        return a
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[memoryview]:
@@ -239,7 +261,8 @@ class Segment:
         self.closed = True
         if self._finalizer is not None:
             self._finalizer()  # anonymous: the creator's close removes the name
-        for v in self._views:
+        self._arrays.clear()
+        for v in list(self._views.values()):
             v.release()
         self._views.clear()
         self.words.release()
@@ -398,3 +421,41 @@ def _validate(
             f"shmrate: {name!r} ({shm_name}) is {size} bytes but its header says "
             f"{recorded}; {fix}"
         )
+
+
+class TransientViews:
+    """Views over ``words`` that the caller releases with ``release()``.
+
+    The same ``view``/``byte_view``/``array`` methods as :class:`Segment`, for
+    code that runs with only the word view in hand (the lock's repair).
+    """
+
+    def __init__(self, words: memoryview) -> None:
+        self._words = words
+        self._bytes = words.cast("B")
+        self._views: list[memoryview] = [self._bytes]
+        self._arrays: list[npt.NDArray[Any]] = []
+
+    def view(self, first_word: int, words: int) -> memoryview:
+        v = self._words[first_word : first_word + words]
+        self._views.append(v)
+        return v
+
+    def byte_view(self, first_byte: int, size: int) -> memoryview:
+        v = self._bytes[first_byte : first_byte + size]
+        self._views.append(v)
+        return v
+
+    def array(
+        self, first_word: int, dtype: np.dtype[Any], count: int
+    ) -> npt.NDArray[Any]:
+        v = self.byte_view(first_word * 8, dtype.itemsize * count)
+        a = np.frombuffer(v, dtype=dtype, count=count)
+        self._arrays.append(a)
+        return a
+
+    def release(self) -> None:
+        self._arrays.clear()
+        for v in reversed(self._views):
+            v.release()
+        self._views.clear()

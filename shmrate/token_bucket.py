@@ -92,6 +92,7 @@ class TokenBucket:
         "_gen",
         "_owns",
         "_release",
+        "_reopen",
         "_row",
         "_seg",
         "_words",
@@ -128,11 +129,23 @@ class TokenBucket:
         return self
 
     @classmethod
-    def _on_row(cls, seg: Segment, first_word: int, gen: int, name: str) -> TokenBucket:
-        """A handle on a bucket row of another object's segment."""
+    def _on_row(
+        cls,
+        seg: Segment,
+        first_word: int,
+        gen: int,
+        name: str,
+        reopen: tuple[Any, tuple[Any, ...]],
+    ) -> TokenBucket:
+        """A handle on a bucket row of another object's segment.
+
+        ``reopen`` is what the handle pickles as: a callable and its arguments
+        that find the same row in another process.
+        """
         self = cls.__new__(cls)
         self._bind(seg, first_word, gen, owns=False)
         self.name = name
+        self._reopen = reopen
         return self
 
     def _bind(self, seg: Segment, first_word: int, gen: int, *, owns: bool) -> None:
@@ -144,6 +157,7 @@ class TokenBucket:
         self._gen = gen
         self._acquire = seg.sem.acquire
         self._release = seg.sem.release
+        self._reopen: tuple[Any, tuple[Any, ...]] = (TokenBucket.open, (seg.name,))
 
     # -- the hot path ----------------------------------------------------------
 
@@ -384,7 +398,7 @@ class TokenBucket:
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (TokenBucket.open, (self.name,))
+        return self._reopen
 
     def __repr__(self) -> str:
         if self._acquire is _closed or self._seg.closed:

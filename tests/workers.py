@@ -82,3 +82,55 @@ def small_allows(name: str, seconds: float) -> int:
 
 def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def connection_attempts(name: str, stream: str, attempts: int, start_at: float) -> int:
+    """Try ``attempts`` connections at once with the others; keep what it got."""
+    limiter = shmrate.ConnectionLimiter.open(name)
+    while time.time() < start_at:
+        pass
+    got = sum(limiter.try_acquire(stream) for _ in range(attempts))
+    limiter.close()
+    return got
+
+
+def hold_streams_until_killed(
+    conn_name: str, bw_name: str, streams: list[str], ready: Any
+) -> None:
+    """Take connections and bandwidth for ``streams``, then wait to be killed."""
+    conns = shmrate.ConnectionLimiter.open(conn_name)
+    pool = shmrate.BandwidthManager.open(bw_name)
+    for s in streams:
+        assert conns.try_acquire(s)
+        _, ok = pool.allocate_bandwidth(s, 1000)
+        assert ok
+    ready.set()
+    while True:
+        time.sleep(1)
+
+
+def churn_allocations(name: str, seed: int, seconds: float) -> int:
+    """Allocate, resize and release random streams; returns operations done."""
+    import random
+
+    rnd = random.Random(seed)
+    pool = shmrate.BandwidthManager.open(name)
+    mine = [f"w{seed}-{i}" for i in range(8)]
+    end = time.monotonic() + seconds
+    ops = 0
+    while time.monotonic() < end:
+        s = rnd.choice(mine)
+        if rnd.random() < 0.6:
+            pool.allocate_bandwidth(s, rnd.randrange(0, 50_000))
+        else:
+            pool.release_bandwidth(s)
+        ops += 1
+    for s in mine:
+        pool.release_bandwidth(s)
+    pool.close()
+    return ops
+
+
+def count_in_other_interpreter(name: str, stream: str) -> int:
+    with shmrate.ConnectionLimiter.open(name) as c:
+        return c.get_count(stream)

@@ -1,0 +1,350 @@
+"""BandwidthManager: a pool of bytes per second shared out to streams."""
+
+from __future__ import annotations
+
+import logging
+from time import monotonic_ns
+from typing import Any
+
+from . import _bucket, _check, _leases, _owner
+from ._base import SharedObject
+from ._layout import (
+    B_GEN,
+    B_OWNER_ROW,
+    BUCKET_WORDS,
+    H_ALLOWED,
+    H_COUNT,
+    H_NEXT_GEN,
+    H_P0,
+    H_REAPED,
+    H_REFUSED,
+    HEADER_BYTES,
+    KIND_BANDWIDTH,
+    S_ALLOWED,
+    S_OWNER,
+    S_REFUSED,
+    S_VALUE,
+    STREAM_WORDS,
+    WORD,
+)
+from ._segment import Segment, SegmentSpec, TransientViews
+from ._streams import StreamTable
+from .errors import CapacityError, StaleLimiter
+from .token_bucket import TokenBucket
+
+__all__ = ["BandwidthManager"]
+
+log = logging.getLogger("shmrate")
+
+_T0 = HEADER_BYTES // WORD
+MAX_STREAMS = 1 << 20
+
+
+def _first_bucket(max_streams: int) -> int:
+    return _T0 + StreamTable.words_for(max_streams)
+
+
+def _size(max_streams: int) -> int:
+    return (_first_bucket(max_streams) + max_streams * BUCKET_WORDS) * WORD
+
+
+def _init_tables(max_streams: int) -> Any:
+    def init(words: memoryview) -> None:
+        StreamTable.init(words, _T0, max_streams)
+        words[H_NEXT_GEN] = 1
+
+    return init
+
+
+def _repair(words: memoryview) -> str:
+    """Rebuild the index and the allocated sum from the stream rows."""
+    max_streams = int(words[H_P0 + 1])
+    views = TransientViews(words)
+    try:
+        table = StreamTable(views, _T0, max_streams)
+        table.rebuild()
+        live = set(table.live_rows())
+        buckets = views.view(_first_bucket(max_streams), max_streams * BUCKET_WORDS)
+        now = monotonic_ns()
+        fixed: list[str] = []
+        for r in range(max_streams):
+            row = buckets[r * BUCKET_WORDS : (r + 1) * BUCKET_WORDS]
+            if r in live:
+                fixed += _bucket.repair_row(row, now)
+            else:
+                row[B_GEN] = 0  # a released stream's limiters stay refused
+            row.release()
+        words[H_COUNT] = sum(int(table.rows[r * STREAM_WORDS + S_VALUE]) for r in live)
+        return f"index and allocations rebuilt from {len(live)} streams; " + (
+            ", ".join(sorted(set(fixed))) or "buckets intact"
+        )
+    finally:
+        views.release()
+
+
+class BandwidthManager(SharedObject):
+    """A pool of ``total_bytes_per_second`` shared out to streams.
+
+    ``allocate_bandwidth(stream_id, bytes_per_second)`` takes that much of the
+    pool for the stream and returns its limiter: a :class:`TokenBucket` that
+    lives in the manager's segment, so every process asking for the stream's
+    limiter (``get_limiter``) gets the same bucket. Allocating a stream that
+    already has a share changes the share, and its limiter's rate, if the pool
+    covers the difference. ``release_bandwidth`` returns the share; limiters of
+    a released stream raise :class:`~shmrate.StaleLimiter` instead of
+    throttling whatever stream takes the row next.
+
+    An allocation belongs to the process that made it last; when that process
+    dies, the share returns to the pool on ``reap()``, ``reap_pid(pid)`` or the
+    next refusal (at most once a second). At every moment the available
+    bandwidth plus the allocations equals the total.
+
+    The stream table holds ``max_streams`` rows; a full table raises
+    :class:`~shmrate.CapacityError` and overwrites nothing.
+    """
+
+    KIND = KIND_BANDWIDTH
+    REPAIR = staticmethod(_repair)
+
+    def __init__(
+        self,
+        total_bytes_per_second: int,
+        *,
+        name: str | None = None,
+        max_streams: int = 1024,
+    ) -> None:
+        total = _check.rate(total_bytes_per_second, "total_bytes_per_second")
+        rows = _check.amount(max_streams, "max_streams")
+        if not 1 <= rows <= MAX_STREAMS:
+            raise ValueError(
+                f"shmrate: max_streams must be 1 to {MAX_STREAMS}, got {max_streams}"
+            )
+        spec = SegmentSpec(
+            KIND_BANDWIDTH, _size(rows), (total, rows), _init_tables(rows)
+        )
+        self._attach(name, spec)
+        if (self.total, self.max_streams) != (total, rows):
+            log.warning(
+                "%s exists with total=%d, max_streams=%d; kept those "
+                "(asked for %d, %d)",
+                self._seg.label,
+                self.total,
+                self.max_streams,
+                total,
+                rows,
+            )
+
+    def _bind(self, seg: Segment) -> None:
+        super()._bind(seg)
+        self.total = seg.param(0)
+        self.max_streams = seg.param(1)
+        self._table = StreamTable(seg, _T0, self.max_streams)
+        self._first_bucket = _first_bucket(self.max_streams)
+        self._buckets = seg.view(self._first_bucket, self.max_streams * BUCKET_WORDS)
+        # Limiter handles this process made, by stream row: reused while the
+        # row's generation is unchanged.
+        self._limiters: dict[int, TokenBucket] = {}
+
+    # -- allocations -------------------------------------------------------------
+
+    def allocate_bandwidth(
+        self, stream_id: str, bytes_per_second: int
+    ) -> tuple[TokenBucket | None, bool]:
+        """Give ``stream_id`` a share of the pool and return its limiter.
+
+        Returns ``(limiter, True)``, or ``(None, False)`` if the pool cannot
+        cover the share (or the change of share). A new stream's limiter
+        starts full, with capacity ``max(bytes_per_second, 1024)``.
+        """
+        table = self._table
+        key, h = table.lookup_key(stream_id)
+        rate = _check.rate(bytes_per_second)
+        words, rows = self._words, table.rows
+        refused = ""
+        self._acquire()
+        try:
+            now = monotonic_ns()
+            r = table.find(key, h)
+            old = rows[r * STREAM_WORDS + S_VALUE] if r >= 0 else 0
+            if rate - old > self.total - words[H_COUNT]:
+                refused = "pool"
+            elif r < 0 and not table.has_room():
+                refused = "table"
+            if refused:
+                words[H_REFUSED] += 1
+                if r >= 0:
+                    rows[r * STREAM_WORDS + S_REFUSED] += 1
+                reap_due = _leases.auto_reap_due(words, now)
+            else:
+                if r < 0:
+                    r = table.insert(key, h)
+                    gen = words[H_NEXT_GEN]
+                    words[H_NEXT_GEN] = gen + 1
+                    bucket = self._bucket(r)
+                    _bucket.init_row(bucket, rate, now, gen)
+                    bucket[B_OWNER_ROW] = r
+                else:
+                    bucket = self._bucket(r)
+                    gen = bucket[B_GEN]
+                    _bucket.set_rate(bucket, rate, now)
+                bucket.release()
+                rows[r * STREAM_WORDS + S_VALUE] = rate
+                rows[r * STREAM_WORDS + S_OWNER] = _owner._token
+                rows[r * STREAM_WORDS + S_ALLOWED] += 1
+                words[H_COUNT] += rate - old
+                words[H_ALLOWED] += 1
+        finally:
+            self._release()
+        if not refused:
+            return self._limiter(r, gen, stream_id), True
+        # Dead processes may hold what is missing: reclaim (at most once a
+        # second host-wide) and try once more.
+        if reap_due and self._reap(None)[0] > 0:
+            return self.allocate_bandwidth(stream_id, bytes_per_second)
+        if refused == "table":
+            raise self._full_error()
+        return None, False
+
+    def release_bandwidth(self, stream_id: str) -> None:
+        """Return ``stream_id``'s share to the pool (nothing if it has none)."""
+        table = self._table
+        key, h = table.lookup_key(stream_id)
+        self._acquire()
+        try:
+            r = table.find(key, h)
+            if r >= 0:
+                self._release_row(r)
+        finally:
+            self._release()
+
+    def _release_row(self, r: int) -> None:
+        """Caller holds the lock. The pool sum first, so a torn release
+        errs towards less bandwidth handed out, never more."""
+        table = self._table
+        self._words[H_COUNT] -= table.rows[r * STREAM_WORDS + S_VALUE]
+        table.rows[r * STREAM_WORDS + S_VALUE] = 0
+        self._buckets[r * BUCKET_WORDS + B_GEN] = 0
+        table.delete(r)
+        self._limiters.pop(r, None)
+
+    def get_available_bandwidth(self) -> int:
+        """The total minus everything allocated, in bytes per second."""
+        with self._seg.locked() as words:
+            return int(self.total - words[H_COUNT])
+
+    def get_allocation(self, stream_id: str) -> int:
+        """The share of ``stream_id`` in bytes per second (0 if none)."""
+        table = self._table
+        key, h = table.lookup_key(stream_id)
+        with self._seg.locked():
+            r = table.find(key, h)
+            return int(table.rows[r * STREAM_WORDS + S_VALUE]) if r >= 0 else 0
+
+    def get_limiter(self, stream_id: str) -> TokenBucket | None:
+        """The limiter of ``stream_id`` (the same bucket in every process)."""
+        table = self._table
+        key, h = table.lookup_key(stream_id)
+        with self._seg.locked():
+            r = table.find(key, h)
+            gen = self._buckets[r * BUCKET_WORDS + B_GEN] if r >= 0 else 0
+        return self._limiter(r, gen, stream_id) if gen else None
+
+    def streams(self) -> dict[str, int]:
+        """Every stream with a share, with its bytes per second."""
+        table = self._table
+        with self._seg.locked():
+            return {
+                table.key_of(r): int(table.rows[r * STREAM_WORDS + S_VALUE])
+                for r in table.live_rows()
+            }
+
+    def _limiter(self, r: int, gen: int, stream_id: str) -> TokenBucket:
+        limiter = self._limiters.get(r)
+        if limiter is None or limiter._gen != gen:
+            limiter = TokenBucket._on_row(
+                self._seg,
+                self._first_bucket + r * BUCKET_WORDS,
+                gen,
+                stream_id,
+                reopen=(_limiter_by_name, (self.name, stream_id)),
+            )
+            self._limiters[r] = limiter
+        return limiter
+
+    def _bucket(self, r: int) -> memoryview:
+        return self._buckets[r * BUCKET_WORDS : (r + 1) * BUCKET_WORDS]
+
+    def _full_error(self) -> CapacityError:
+        return CapacityError(
+            f"shmrate: BandwidthManager {self.name!r}: all {self.max_streams} stream "
+            "rows are in use; release streams or create it with more max_streams"
+        )
+
+    # -- reclaiming --------------------------------------------------------------
+
+    def reap(self) -> int:
+        """Return the shares of dead processes to the pool.
+
+        Returns the bytes per second reclaimed.
+        """
+        return self._reap(None)[1]
+
+    def reap_pid(self, pid: int) -> int:
+        """Return the shares of ``pid``, which the caller knows has exited.
+
+        Returns the bytes per second reclaimed."""
+        return self._reap(_check.amount(pid, "pid"))[1]
+
+    def _reap(self, pid: int | None) -> tuple[int, int]:
+        """(streams, bytes/s) taken back from dead owners."""
+        table = self._table
+        with self._seg.locked():
+            owners = table.records["owner"][table.records["live"] == 1].copy()
+        dead = _leases.dead_owners(owners, pid)
+        if not dead:
+            return 0, 0
+        freed: dict[int, list[int]] = {}
+        with self._seg.locked() as words:
+            for r in table.live_rows():
+                owner = table.rows[r * STREAM_WORDS + S_OWNER]
+                if owner in dead:
+                    freed.setdefault(owner, []).append(
+                        int(table.rows[r * STREAM_WORDS + S_VALUE])
+                    )
+                    self._release_row(r)
+            words[H_REAPED] += sum(len(v) for v in freed.values())
+        for owner, shares in freed.items():
+            log.warning(
+                "%s: reclaimed %d stream(s), %d bytes/s, of pid %d, which exited",
+                self._seg.label,
+                len(shares),
+                sum(shares),
+                _owner.pid_of(owner),
+            )
+        return sum(len(v) for v in freed.values()), sum(sum(v) for v in freed.values())
+
+    def close(self) -> None:
+        """Detach this process (its limiters too). Safe to call twice."""
+        self._limiters.clear()
+        self._seg.close()
+
+    def __repr__(self) -> str:
+        if self._seg.closed:
+            return f"<BandwidthManager {self.name!r} closed>"
+        return (
+            f"<BandwidthManager {self.name!r} allocated={self._words[H_COUNT]}"
+            f"/{self.total} B/s>"
+        )
+
+
+def _limiter_by_name(manager: str, stream_id: str) -> TokenBucket:
+    """Unpickle a stream limiter: open its manager and ask for the stream."""
+    mgr = BandwidthManager.open(manager)
+    limiter = mgr.get_limiter(stream_id)
+    if limiter is None:
+        mgr.close()
+        raise StaleLimiter(
+            f"shmrate: stream {stream_id!r} has no bandwidth in {manager!r} any more"
+        )
+    limiter._owns = True  # the handle keeps the manager's mapping alive
+    return limiter
