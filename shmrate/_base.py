@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, TypeVar
 
+from ._layout import H_ALLOWED, H_REAPED, H_RECOVERIES, H_REFUSED
 from ._segment import Segment, SegmentSpec
 
 __all__ = ["SharedObject"]
@@ -44,6 +45,16 @@ class SharedObject:
         self._acquire = seg.lock.acquire
         self._release = seg.lock.release
         self.name = seg.name
+
+    def _header_stats(self) -> dict[str, int]:
+        """Object-wide counters. Caller holds the lock."""
+        w = self._words
+        return {
+            "allowed": int(w[H_ALLOWED]),
+            "refused": int(w[H_REFUSED]),
+            "recoveries": int(w[H_RECOVERIES]),
+            "reaped": int(w[H_REAPED]),
+        }
 
     def close(self) -> None:
         """Detach this process. Safe to call twice."""

@@ -229,7 +229,13 @@ class Geometry:
 
     @property
     def params(self) -> tuple[int, ...]:
-        return (self.max_keys, self.slots, self.lru_batch, self.payload_words, 64)
+        return (
+            self.max_keys,
+            self.slots,
+            self.lru_batch,
+            self.payload_words,
+            KEY_BYTES,
+        )
 
     @property
     def row_words(self) -> int:
@@ -472,8 +478,12 @@ class KeyTable:
         w[T_SWEEPS] += 1
         cost_ns = monotonic_ns() - started
         w[T_NEXT_SWEEP_NS] = now_ns + max(MIN_SWEEP_GAP_NS, SWEEP_COST_RATIO * cost_ns)
-        log.debug("%s: sweep found %d spare rows in %d us", self.label, len(found),
-                  cost_ns // 1000)
+        log.debug(
+            "%s: sweep found %d spare rows in %d us",
+            self.label,
+            len(found),
+            cost_ns // 1000,
+        )
         return len(found)
 
     def _least_recent(self) -> int:

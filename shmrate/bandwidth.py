@@ -30,7 +30,7 @@ from ._layout import (
 from ._segment import Segment, SegmentSpec, TransientViews
 from ._streams import StreamTable
 from .errors import CapacityError, StaleLimiter
-from .token_bucket import TokenBucket
+from .token_bucket import TokenBucket, bucket_stats
 
 __all__ = ["BandwidthManager"]
 
@@ -257,6 +257,38 @@ class BandwidthManager(SharedObject):
                 table.key_of(r): int(table.rows[r * STREAM_WORDS + S_VALUE])
                 for r in table.live_rows()
             }
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot, exact across all processes.
+
+        ``allowed``/``refused`` count ``allocate_bandwidth`` outcomes,
+        ``reaped`` the streams reclaimed from dead owners, ``recoveries`` the
+        locks taken over from dead holders; ``allocated`` and ``available``
+        are bytes/s now. ``streams`` maps each stream to its ``allocation``,
+        its owner ``pid`` and its limiter's counters and levels (as
+        :meth:`TokenBucket.stats`).
+        """
+        table = self._table
+        rows = table.rows
+        now = monotonic_ns()
+        with self._seg.locked():
+            snap: dict[str, Any] = self._header_stats()
+            snap["total"] = self.total
+            snap["allocated"] = int(self._words[H_COUNT])
+            snap["available"] = self.total - snap["allocated"]
+            streams = {}
+            for r in table.live_rows():
+                bucket = self._bucket(r)
+                _bucket.refill(bucket, now)
+                entry: dict[str, int] = {
+                    "allocation": int(rows[r * STREAM_WORDS + S_VALUE]),
+                    "pid": _owner.pid_of(int(rows[r * STREAM_WORDS + S_OWNER])),
+                }
+                entry.update(bucket_stats(bucket))
+                bucket.release()
+                streams[table.key_of(r)] = entry
+            snap["streams"] = streams
+        return snap
 
     def _limiter(self, r: int, gen: int, stream_id: str) -> TokenBucket:
         limiter = self._limiters.get(r)

@@ -288,6 +288,32 @@ class ConnectionLimiter(SharedObject):
                 for r in table.live_rows()
             }
 
+    def stats(self) -> dict[str, Any]:
+        """A snapshot, exact across all processes.
+
+        ``allowed``/``refused`` count ``try_acquire`` outcomes, ``reaped`` the
+        leases reclaimed from dead processes, ``recoveries`` the locks taken
+        over from dead holders; ``total`` is the connections held now, and
+        ``streams`` maps each stream holding connections to its ``count``,
+        ``allowed`` and ``refused``.
+        """
+        table = self._table
+        rows = table.rows
+        with self._seg.locked():
+            snap: dict[str, Any] = self._header_stats()
+            snap["total"] = int(self._words[H_COUNT])
+            snap["max_total"] = self.max_total
+            snap["max_per_stream"] = self.max_per_stream
+            snap["streams"] = {
+                table.key_of(r): {
+                    "count": int(rows[r * STREAM_WORDS + S_VALUE]),
+                    "allowed": int(rows[r * STREAM_WORDS + S_ALLOWED]),
+                    "refused": int(rows[r * STREAM_WORDS + S_REFUSED]),
+                }
+                for r in table.live_rows()
+            }
+        return snap
+
     def holders(self) -> dict[int, int]:
         """Connections held per pid."""
         with self._seg.locked():

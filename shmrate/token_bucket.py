@@ -26,6 +26,7 @@ from ._layout import (
     BUCKET,
     BUCKET_WORDS,
     H_HOLDER,
+    H_RECOVERIES,
     HEADER_BYTES,
     KIND_BUCKET,
     MT,
@@ -334,11 +335,20 @@ class TokenBucket:
             return int(row[B_TOKENS] // MT)
 
     def stats(self) -> dict[str, int]:
-        """A snapshot of the counters shared by all processes."""
+        """A snapshot of the counters, exact across all processes.
+
+        ``allowed_calls``/``allowed_units`` and ``refused_calls``/
+        ``refused_units`` count ``allow`` and ``allow_n`` outcomes (units are
+        tokens: bytes, requests); ``waits`` and ``waited_ns`` the waits that
+        had to sleep; ``rate``, ``capacity`` and ``tokens`` are the levels now;
+        ``recoveries`` counts locks taken over from dead holders in the
+        bucket's segment.
+        """
         with self._locked() as row:
-            fields = BUCKET.names or ()
-            snap = {f: int(row[i]) for i, f in enumerate(fields)}
-        return {k: snap[k] for k in _STAT_FIELDS}
+            _bucket.refill(row, monotonic_ns())
+            snap = bucket_stats(row)
+            snap["recoveries"] = int(self._words[H_RECOVERIES])
+        return snap
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -418,6 +428,16 @@ _STAT_FIELDS = (
     "waits",
     "waited_ns",
 )
+
+
+def bucket_stats(row: memoryview) -> dict[str, int]:
+    """Counters and levels of a bucket row as plain ints. Caller holds the lock."""
+    names = BUCKET.names or ()
+    snap = {k: int(row[names.index(k)]) for k in _STAT_FIELDS}
+    snap["rate"] = int(row[B_RATE])
+    snap["capacity"] = int(row[B_CAP] // MT)
+    snap["tokens"] = int(row[B_TOKENS] // MT)
+    return snap
 
 
 def _log() -> Any:
