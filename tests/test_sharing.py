@@ -245,3 +245,32 @@ def test_4_processes_hammering_one_bucket_admit_what_the_rate_allows(
         # The bucket also refilled for the ~0.3 s before the start: allow it.
         assert admitted <= most + rate * 0.35
         assert admitted >= 0.9 * most
+
+
+def test_restarted_pool_workers_leave_the_segment_in_place(name: str) -> None:
+    # maxtasksperchild=1: every task runs in a new worker, and each exiting
+    # worker is a chance for a resource tracker to remove what it opened.
+    with TokenBucket(0, name=name) as b:
+        with SPAWN.Pool(2, maxtasksperchild=1) as pool:
+            got = pool.starmap(workers.allow_n_times, [(name, 1, 10)] * 6)
+        assert sum(got) == 60
+        time.sleep(0.3)
+        assert segment_exists(name)
+        assert b.tokens() == 1024 - 60
+
+
+def test_a_segment_from_before_a_reboot_is_rebased_not_trusted(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from shmrate._layout import B_LAST, H_BOOT, HEADER_BYTES
+
+    TokenBucket(1000, name=name).close()
+    # As if written under another boot: another boot id, and a refill time
+    # far ahead of this boot's monotonic clock.
+    corrupt(name, H_BOOT, 12345)
+    corrupt(name, HEADER_BYTES // 8 + B_LAST, time.monotonic_ns() + 10**15)
+    with caplog.at_level("WARNING", logger="shmrate"), TokenBucket.open(name) as b:
+        assert b.allow(1024)
+        time.sleep(0.05)
+        assert 20 <= b.tokens() <= 200  # refills again at 1000/s
+    assert "reboot" in caplog.text
