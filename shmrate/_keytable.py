@@ -73,9 +73,9 @@ from .errors import LayoutMismatch
 
 __all__ = [
     "KEY_BYTES",
-    "META_WORDS",
     "M_GEN",
     "M_USED_NS",
+    "PAYLOAD0",
     "T_ALLOWED_CALLS",
     "T_ALLOWED_UNITS",
     "T_RATE",
@@ -107,7 +107,8 @@ log = logging.getLogger("shmrate")
 #   stack0 ..          spare stack      max_keys words of row numbers;
 #                                       header free_top entries are in use
 #   lru0 ..            LRU candidates   lru_batch pairs (row, used_ns then)
-#   rows0 ..           rows             max_keys rows of row_words words
+#   rows0 ..           rows             max_keys rows of row_words words,
+#                                       from a multiple of 8 words
 #
 # Table words (written by every holder unless noted):
 #
@@ -123,17 +124,19 @@ log = logging.getLogger("shmrate")
 #   T_LRU_HEAD        first LRU candidate not yet taken
 #   T_LRU_LEN         LRU candidates listed
 #
-# Row: payload_words of the kind's payload, then META_WORDS of key state:
+# Row (row_words words, a multiple of 8, so rows start on 64-byte cache lines
+# and a hot call reads one line: gen, used_ns and the payload's first 6 words;
+# P is payload_words):
 #
-#   word (after payload)  field       meaning
-#   0                     gen         > 0: live, generation of this assignment;
-#                                     0: free
-#   1                     hash        63-bit keyed BLAKE2b of the key bytes
-#   2                     len         key bytes stored
-#   3                     used_ns     monotonic time of the key's last use
-#   4                     stacked     1 while the row is on the spare stack
-#   5                     (spare)
-#   6-13                  key         the key bytes (KEY_BYTES at most)
+#   word          field       meaning
+#   0             gen         > 0: live, generation of this assignment; 0: free
+#   1             used_ns     monotonic time of the key's last use
+#   2 ..          payload     P words, defined by the kind
+#   2 + P         hash        63-bit keyed BLAKE2b of the key bytes
+#   3 + P         len         key bytes stored
+#   4 + P         stacked     1 while the row is on the spare stack
+#   5 + P         (spare)
+#   6 + P ..      key         the key bytes (KEY_BYTES at most), then padding
 #
 # Invariants, true whenever the lock is free:
 #
@@ -168,13 +171,12 @@ T_LRU_LEN = TABLE0 + 12
 TABLE_WORDS = 16
 
 M_GEN = 0
-M_HASH = 1
-M_LEN = 2
-M_USED_NS = 3
-M_STACKED = 4
-M_KEY = 6
+M_USED_NS = 1
+PAYLOAD0 = 2
+# After the payload, at Geometry.hash_at and on:
+_HASH, _LEN, _STACKED, _KEY = 0, 1, 2, 4
 KEY_BYTES = 64
-META_WORDS = M_KEY + KEY_BYTES // WORD
+KEY_WORDS = KEY_BYTES // WORD
 
 MAX_KEYS = 1 << 24  # row + 1 must fit the 32 low bits of an index slot
 TAG_MASK = 0x7FFF_FFFF
@@ -239,7 +241,25 @@ class Geometry:
 
     @property
     def row_words(self) -> int:
-        return self.payload_words + META_WORDS
+        return -(-(self.hash_at + _KEY + KEY_WORDS) // 8) * 8
+
+    # Words of a row's key state after its payload, from the row's start.
+
+    @property
+    def hash_at(self) -> int:
+        return PAYLOAD0 + self.payload_words + _HASH
+
+    @property
+    def len_at(self) -> int:
+        return PAYLOAD0 + self.payload_words + _LEN
+
+    @property
+    def stacked_at(self) -> int:
+        return PAYLOAD0 + self.payload_words + _STACKED
+
+    @property
+    def key0(self) -> int:
+        return PAYLOAD0 + self.payload_words + _KEY
 
     @property
     def index0(self) -> int:
@@ -255,7 +275,7 @@ class Geometry:
 
     @property
     def rows0(self) -> int:
-        return self.lru0 + 2 * self.lru_batch
+        return -(-(self.lru0 + 2 * self.lru_batch) // 8) * 8
 
     @property
     def size_bytes(self) -> int:
@@ -286,7 +306,7 @@ def init_table(words: memoryview, g: Geometry) -> None:
     a = _int64_array(words)
     a[g.stack0 : g.stack0 + g.max_keys] = np.arange(g.max_keys - 1, -1, -1)
     rows = a[g.rows0 :].reshape(g.max_keys, g.row_words)
-    rows[:, g.payload_words + M_STACKED] = 1
+    rows[:, g.stacked_at] = 1
     del a, rows
     words[H_FREE_TOP] = g.max_keys
     words[H_NEXT_GEN] = 1
@@ -316,7 +336,10 @@ class KeyTable:
         self.label = label
         self.rows0 = g.rows0
         self.row_words = g.row_words
-        self.meta = g.payload_words
+        self.key0 = g.key0
+        self.hash_at = g.hash_at
+        self.len_at = g.len_at
+        self.stacked_at = g.stacked_at
         self._hasher = hashlib.blake2b(
             digest_size=8, key=int(words[H_SEED]).to_bytes(8, "little")
         )
@@ -346,20 +369,18 @@ class KeyTable:
                 return -1
             if v >> 32 == tag:
                 base = self.rows0 + ((v & ROW_MASK) - 1) * self.row_words
-                m = base + self.meta
-                if w[m + M_LEN] == len(kb):
-                    at = (m + M_KEY) * WORD
+                if w[base + self.len_at] == len(kb):
+                    at = (base + self.key0) * WORD
                     if self.bytes[at : at + len(kb)] == kb:
                         return base
             i = (i + 1) & mask
 
     def gen(self, base: int) -> int:
-        return int(self.words[base + self.meta + M_GEN])
+        return int(self.words[base + M_GEN])
 
     def key_of(self, base: int) -> bytes:
-        m = base + self.meta
-        at = (m + M_KEY) * WORD
-        return bytes(self.bytes[at : at + self.words[m + M_LEN]])
+        at = (base + self.key0) * WORD
+        return bytes(self.bytes[at : at + self.words[base + self.len_at]])
 
     # -- rows for new keys -------------------------------------------------------
 
@@ -370,16 +391,15 @@ class KeyTable:
         """
         w = self.words
         base = self._spare_row(now_ns)
-        m = base + self.meta
         gen = w[H_NEXT_GEN]
         w[H_NEXT_GEN] = gen + 1
-        w[m + M_HASH] = h
-        w[m + M_LEN] = len(kb)
-        at = (m + M_KEY) * WORD
+        w[base + self.hash_at] = h
+        w[base + self.len_at] = len(kb)
+        at = (base + self.key0) * WORD
         self.bytes[at : at + len(kb)] = kb
-        w[m + M_USED_NS] = now_ns
+        w[base + M_USED_NS] = now_ns
         # gen last: a holder that dies before it leaves a free row behind.
-        w[m + M_GEN] = gen
+        w[base + M_GEN] = gen
         self._index_insert((base - self.rows0) // self.row_words, h)
         w[H_COUNT] += 1
         return base, int(gen)
@@ -397,7 +417,7 @@ class KeyTable:
         a[g.stack0 : g.stack0 + g.max_keys] = np.arange(g.max_keys - 1, -1, -1)
         rows = a[g.rows0 :].reshape(g.max_keys, g.row_words)
         rows[:, :] = 0
-        rows[:, g.payload_words + M_STACKED] = 1
+        rows[:, g.stacked_at] = 1
         del a, rows
         w = self.words
         count = int(w[H_COUNT])
@@ -415,9 +435,8 @@ class KeyTable:
             top = w[H_FREE_TOP] - 1
             w[H_FREE_TOP] = top
             base = self.rows0 + w[stack0 + top] * self.row_words
-            m = base + self.meta
-            w[m + M_STACKED] = 0
-            if w[m + M_GEN] == 0:
+            w[base + self.stacked_at] = 0
+            if w[base + M_GEN] == 0:
                 return base
             if self.is_spare(base, now_ns):
                 self._unassign(base)
@@ -447,15 +466,15 @@ class KeyTable:
 
     def _unassign(self, base: int) -> None:
         self._index_remove(base)
-        self.words[base + self.meta + M_GEN] = 0
+        self.words[base + M_GEN] = 0
         self.words[H_COUNT] -= 1
 
     def _push(self, row: int) -> None:
         w = self.words
-        m = self.rows0 + row * self.row_words + self.meta
-        if w[m + M_STACKED]:
+        base = self.rows0 + row * self.row_words
+        if w[base + self.stacked_at]:
             return
-        w[m + M_STACKED] = 1
+        w[base + self.stacked_at] = 1
         top = w[H_FREE_TOP]
         w[self.g.stack0 + top] = row
         w[H_FREE_TOP] = top + 1
@@ -466,12 +485,11 @@ class KeyTable:
         g = self.g
         a = _int64_array(self.words)
         rows = a[g.rows0 :].reshape(g.max_keys, g.row_words)
-        m = g.payload_words
-        spare = (rows[:, m + M_GEN] == 0) | self.spare_mask(rows, now_ns)
-        found = np.flatnonzero(spare & (rows[:, m + M_STACKED] == 0))
+        spare = (rows[:, M_GEN] == 0) | self.spare_mask(rows, now_ns)
+        found = np.flatnonzero(spare & (rows[:, g.stacked_at] == 0))
         top = int(self.words[H_FREE_TOP])
         a[g.stack0 + top : g.stack0 + top + len(found)] = found
-        rows[found, m + M_STACKED] = 1
+        rows[found, g.stacked_at] = 1
         del a, rows, spare
         w = self.words
         w[H_FREE_TOP] = top + len(found)
@@ -495,8 +513,7 @@ class KeyTable:
             listed = w[T_LRU_LEN]
             while head < listed:
                 base = self.rows0 + w[lru0 + 2 * head] * self.row_words
-                m = base + self.meta
-                if w[m + M_GEN] and w[m + M_USED_NS] == w[lru0 + 2 * head + 1]:
+                if w[base + M_GEN] and w[base + M_USED_NS] == w[lru0 + 2 * head + 1]:
                     w[T_LRU_HEAD] = head
                     return base
                 head += 1
@@ -507,9 +524,8 @@ class KeyTable:
         g = self.g
         a = _int64_array(self.words)
         rows = a[g.rows0 :].reshape(g.max_keys, g.row_words)
-        m = g.payload_words
-        stamps = rows[:, m + M_USED_NS].copy()
-        stamps[rows[:, m + M_GEN] == 0] = np.iinfo(np.int64).max
+        stamps = rows[:, M_USED_NS].copy()
+        stamps[rows[:, M_GEN] == 0] = np.iinfo(np.int64).max
         k = min(g.lru_batch, int(self.words[H_COUNT]))
         oldest = np.argpartition(stamps, k - 1)[:k] if k else stamps[:0]
         oldest = oldest[np.argsort(stamps[oldest], kind="stable")]
@@ -538,7 +554,7 @@ class KeyTable:
         index0 = self.g.index0
         mask = self.g.slots - 1
         want = (base - self.rows0) // self.row_words + 1
-        i = w[base + self.meta + M_HASH] & mask
+        i = w[base + self.hash_at] & mask
         for _ in range(self.g.slots):
             if w[index0 + i] & ROW_MASK == want:
                 break
@@ -577,15 +593,14 @@ def repair_table(words: memoryview, repair_payload: RepairPayload) -> list[str]:
         a = _int64_array(words)
         a[g.index0 : g.index0 + g.slots] = 0
         rows = a[g.rows0 :].reshape(g.max_keys, g.row_words)
-        m = g.payload_words
-        rows[:, m + M_STACKED] = 0
-        bad = (rows[:, m + M_GEN] < 0) | (rows[:, m + M_LEN] < 0)
-        bad |= rows[:, m + M_LEN] > KEY_BYTES
+        rows[:, g.stacked_at] = 0
+        bad = (rows[:, M_GEN] < 0) | (rows[:, g.len_at] < 0)
+        bad |= rows[:, g.len_at] > KEY_BYTES
         if bad.any():
             fixed.append(f"{int(bad.sum())} damaged rows freed")
-            rows[bad, m + M_GEN] = 0
-        live = np.flatnonzero(rows[:, m + M_GEN] > 0).tolist()
-        top_gen = int(rows[:, m + M_GEN].max()) if g.max_keys else 0
+            rows[bad, M_GEN] = 0
+        live = np.flatnonzero(rows[:, M_GEN] > 0).tolist()
+        top_gen = int(rows[:, M_GEN].max())
         del a, rows, bad
         if w[H_NEXT_GEN] <= top_gen:
             w[H_NEXT_GEN] = top_gen + 1
@@ -597,19 +612,17 @@ def repair_table(words: memoryview, repair_payload: RepairPayload) -> list[str]:
             base = g.rows0 + row * g.row_words
             kb = table.key_of(base)
             if kb in seen:
-                w[base + m + M_GEN] = 0
+                w[base + M_GEN] = 0
                 fixed.append("a duplicate key dropped")
                 continue
             seen.add(kb)
             h = table.hash(kb)
-            w[base + m + M_HASH] = h
-            if w[base + m + M_USED_NS] > now:
-                w[base + m + M_USED_NS] = now
-            payload = w[base : base + m]
+            w[base + g.hash_at] = h
+            if w[base + M_USED_NS] > now:
+                w[base + M_USED_NS] = now
+            payload = w[base + PAYLOAD0 : base + PAYLOAD0 + g.payload_words]
             try:
-                payload_notes.update(
-                    repair_payload(payload, int(w[base + m + M_GEN]), now)
-                )
+                payload_notes.update(repair_payload(payload, int(w[base + M_GEN]), now))
             finally:
                 payload.release()
             table._index_insert(row, h)
@@ -617,9 +630,9 @@ def repair_table(words: memoryview, repair_payload: RepairPayload) -> list[str]:
         top = 0
         for row in range(g.max_keys):
             base = g.rows0 + row * g.row_words
-            if w[base + m + M_GEN] == 0:
+            if w[base + M_GEN] == 0:
                 w[g.stack0 + top] = row
-                w[base + m + M_STACKED] = 1
+                w[base + g.stacked_at] = 1
                 top += 1
         w[H_FREE_TOP] = top
         w[H_COUNT] = count
