@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Generator
 from time import monotonic_ns
@@ -38,6 +39,8 @@ from ._segment import Segment, SegmentSpec
 from .errors import ClosedError, StaleLimiter, WaitTimeout
 
 __all__ = ["TokenBucket"]
+
+log = logging.getLogger("shmrate")
 
 # A long wait sleeps at most this long at a time, then recomputes its wake-up
 # time, so that a set_rate() from another process is honoured within it.
@@ -113,7 +116,7 @@ class TokenBucket:
         self._bind(seg, _ROW0, 1, owns=True)
         existing = self._row[B_RATE]
         if existing != rate:
-            _log().info(
+            log.warning(
                 "%s exists with rate %d; kept it (asked for %d; use set_rate)",
                 seg.label,
                 existing,
@@ -438,9 +441,3 @@ def bucket_stats(row: memoryview) -> dict[str, int]:
     snap["capacity"] = int(row[B_CAP] // MT)
     snap["tokens"] = int(row[B_TOKENS] // MT)
     return snap
-
-
-def _log() -> Any:
-    import logging
-
-    return logging.getLogger("shmrate")
