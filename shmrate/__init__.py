@@ -14,6 +14,7 @@ from .errors import (
     StaleLimiter,
     WaitTimeout,
 )
+from .keyed import KeyedTokenBucket
 from .limiter import RateLimiter
 from .token_bucket import TokenBucket
 
@@ -22,6 +23,7 @@ __all__ = [
     "CapacityError",
     "ClosedError",
     "ConnectionLimiter",
+    "KeyedTokenBucket",
     "KindMismatch",
     "LayoutMismatch",
     "RateLimiter",
