@@ -65,23 +65,23 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def header(meta: dict[str, Any]) -> str:
+def header(meta: dict[str, Any], title: str = "shmrate bench") -> str:
     box = meta["machine"]
     installed = ", ".join(
         f"{name} {version}" for name, version in meta["versions"].items() if version
     )
-    return "\n".join(
-        [
-            "# shmrate bench",
-            "",
-            f"- machine: {box['cores']} cores ({box['usable_cores']} usable), "
-            f"{box['cpu_model']}, Linux {box['kernel']}, Python {box['python']}",
-            f"- date: {box['date']}",
-            f"- command: `{box['command']}`",
-            f"- installed: {installed}",
-            "",
-        ]
-    )
+    lines = [
+        f"# {title}",
+        "",
+        f"- machine: {box['cores']} cores ({box['usable_cores']} usable), "
+        f"{box['cpu_model']}, Linux {box['kernel']}, Python {box['python']}",
+        f"- date: {box['date']}",
+        f"- command: `{box['command']}`",
+        f"- installed: {installed}",
+    ]
+    if "nice" in box:
+        lines.append(f"- priority: nice {box['nice']}")
+    return "\n".join([*lines, ""])
 
 
 # -- formatting -------------------------------------------------------------
