@@ -18,6 +18,13 @@ wait: it is the same guarantee golang.org/x/time/rate gets from reserving
 tokens ahead, kept as a FIFO in shared memory. A waiter that dies or gives up
 while others queue behind it leaves its share in the queue; those tokens flow
 to no one, so nothing is ever admitted twice.
+
+A holder can die between any two writes of an update. The writes are ordered
+so that what it leaves is either a valid row that admits no more than before
+and keeps every live waiter's place, or one that ``repair_row`` recognises
+and mends (tokens above the capacity, a head past the tail, tokens on hand
+while waiters queue). tests/test_torn_updates.py stops every update here
+between each pair of its writes and checks exactly that.
 """
 
 from __future__ import annotations
@@ -71,15 +78,17 @@ def capacity_mt_for(rate: int) -> int:
 
 
 def init_row(row: memoryview, rate: int, now_ns: int, gen: int) -> None:
-    """Make ``row`` a full bucket of ``rate`` tokens/s (generation ``gen``)."""
+    """Make ``row`` a full bucket of ``rate`` tokens/s (generation ``gen``).
+
+    The generation is written last: a row whose writer died before it still
+    has generation 0 (free), and the owner's repair discards it.
+    """
     cap = capacity_mt_for(rate)
+    _restart_queue(row)
     row[B_RATE] = rate
     row[B_CAP] = cap
     row[B_TOKENS] = cap
     row[B_LAST] = now_ns
-    row[B_QHEAD] = 0
-    row[B_QTAIL] = 0
-    row[B_QGEN] = row[B_QGEN] + 1
     row[B_GEN + 1 :] = _ZERO_TAIL
     row[B_OWNER_ROW] = -1
     row[B_GEN] = gen
@@ -93,15 +102,28 @@ def credit(row: memoryview, add_mt: int) -> None:
         pay = min(add_mt, tail - head)
         add_mt -= pay
         if head + pay == tail:
-            # Drained: every waiter is served. Restart the queue at 0 under a
-            # new generation, so the numbers never grow without bound.
-            row[B_QHEAD] = 0
-            row[B_QTAIL] = 0
-            row[B_QGEN] = row[B_QGEN] + 1
+            # Drained: every waiter is served. Serve them in one write, then
+            # restart the queue at 0, so the numbers never grow without bound.
+            row[B_QHEAD] = tail
+            _restart_queue(row)
         else:
             row[B_QHEAD] = head + pay
     if add_mt:
         row[B_TOKENS] = min(row[B_CAP], row[B_TOKENS] + add_mt)
+
+
+def _restart_queue(row: memoryview) -> None:
+    """Empty the queue under a new generation, serving every ticket of the old.
+
+    The generation goes first: zeroing the head while the old generation
+    stands would send every waiter of it back to the start of the queue, and
+    zeroing both would leave them outside it for good. A holder that dies
+    after the generation leaves a queue its waiters have all left, or a head
+    above the tail, which ``repair_row`` restarts again.
+    """
+    row[B_QGEN] = row[B_QGEN] + 1
+    row[B_QTAIL] = 0
+    row[B_QHEAD] = 0
 
 
 def refill(row: memoryview, now_ns: int) -> None:
@@ -143,10 +165,14 @@ def reserve(row: memoryview, n: int, now_ns: int) -> Ticket | None:
     head = row[B_QHEAD]
     end = row[B_QTAIL] + need
     # Tokens on hand (only when the queue was empty) go towards this share.
+    # The tail first: a holder that dies there leaves tokens beside a queue,
+    # which the repair pays to the queue exactly as the next writes would.
+    # Tokens before head: dying between them loses this dead waiter's own
+    # payment, where the other order would pay it twice.
     pay = min(tokens, end - head)
     row[B_QTAIL] = end
-    row[B_QHEAD] = head + pay
     row[B_TOKENS] = tokens - pay
+    row[B_QHEAD] = head + pay
     return Ticket(row[B_QGEN], end, need)
 
 
@@ -180,17 +206,21 @@ def cancel(row: memoryview, ticket: Ticket) -> None:
     start = ticket.end_mt - ticket.need_mt
     head = row[B_QHEAD]
     if head > start:
-        # It was at the front and partly paid: the queue is now empty.
-        row[B_QHEAD] = 0
-        row[B_QTAIL] = 0
-        row[B_QGEN] = row[B_QGEN] + 1
+        # It was at the front and partly paid: the queue is now empty. Its
+        # payment goes back last, once no queue can claim it.
+        row[B_QHEAD] = tail
+        _restart_queue(row)
         row[B_TOKENS] = min(row[B_CAP], head - start)
     else:
         row[B_QTAIL] = start
 
 
 def repair_row(row: memoryview, now_ns: int) -> list[str]:
-    """Restore a row's invariants after its writer died mid-update."""
+    """Restore a row's invariants after its writer died mid-update.
+
+    Every step is idempotent and leaves a state a second repair accepts, so
+    a recoverer that dies here too is mended by the next one.
+    """
     fixed = []
     if row[B_LAST] > now_ns:
         row[B_LAST] = now_ns
@@ -207,14 +237,14 @@ def repair_row(row: memoryview, now_ns: int) -> list[str]:
         fixed.append("tokens clamped")
     head, tail = row[B_QHEAD], row[B_QTAIL]
     if not 0 <= head <= tail:
-        # Queued waiters re-check against a new generation and are served;
-        # at most one queue's worth is admitted early, never more.
-        row[B_QHEAD] = 0
-        row[B_QTAIL] = 0
-        row[B_QGEN] = row[B_QGEN] + 1
+        # Queued waiters re-check against a new generation and are served.
+        # The writes above never leave this state while a live waiter is
+        # unpaid (only a dead one's share), so no one is admitted early.
+        _restart_queue(row)
         fixed.append("wait queue reset")
     elif head < tail and row[B_TOKENS]:
-        # Tokens must be 0 while anyone waits: pay them to the queue.
+        # Tokens must be 0 while anyone waits: pay them to the queue. Zero
+        # first: dying between the two loses them, never pays them twice.
         on_hand = row[B_TOKENS]
         row[B_TOKENS] = 0
         credit(row, on_hand)

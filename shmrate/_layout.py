@@ -54,16 +54,27 @@ milliseconds at ``rate`` tokens/s adds exactly ``ms * rate`` mt::
 
 Invariants of a bucket row, true whenever the lock is free:
 
+* ``rate >= 0`` and ``cap_mt == max(rate, 1024) * 1000``;
 * ``0 <= tokens_mt <= cap_mt``;
 * ``0 <= q_head_mt <= q_tail_mt``;
 * the queue holds waiters (``q_head_mt < q_tail_mt``) only while
   ``tokens_mt == 0``: refills pay the queue first, so ``allow()`` can test
   ``tokens_mt`` alone and still never jump the queue;
+* a waiter's ticket (``q_gen``, end of its share) stays in the queue
+  (``end <= q_tail_mt``) until it is served: the head reaches its end or
+  ``q_gen`` moves on, which is why an emptied queue gets its new ``q_gen``
+  before its head and tail go back to 0;
 * ``last_ns <= now``; it advances in whole milliseconds, so sub-millisecond
   remainders are credited later, never lost.
 
-A holder killed between two writes can break only the first two; the recovery
-clamps them (``repair_bucket`` in ``_bucket.py``).
+A holder killed between two writes leaves either a valid row that holds no
+more tokens than before (or than the update would have left) and keeps every
+live waiter's place, or a row that breaks one of the first four rules, which
+``repair_row`` in ``_bucket.py`` mends: it recomputes the capacity, clamps the
+tokens, restarts a broken queue under a new ``q_gen`` (only a dead waiter can
+be unpaid then) and pays stray tokens to the queue. The write orders that
+make this so are explained where the writes are; tests/test_torn_updates.py
+stops every update between each pair of its writes.
 """
 
 from __future__ import annotations
@@ -237,10 +248,22 @@ NS_PER_MS = 1_000_000
 #   from ``hash & (slots - 1)``; the free list holds exactly the other rows;
 # * ConnectionLimiter: a row is live iff some lease points at it, its value is
 #   the number of leases that do, and the header count is the number of live
-#   leases;
-# * BandwidthManager: the header count is the sum of the live rows' values and
-#   at most the pool; bucket row i belongs to stream row i while it is live
-#   (its gen is non-zero exactly then).
+#   leases; the lease free list holds exactly the leases without an owner;
+# * BandwidthManager: bucket row i belongs to stream row i while it is live: a
+#   live row has a non-zero owner and bucket gen, a free row's bucket has gen
+#   0; the header count is the sum of the live rows' values and at most the
+#   pool; ``next_gen`` is above every gen handed out.
+#
+# What a holder that dies between two writes leaves, and what the repair
+# makes of it: a lease counts from the write of its owner (after its row) to
+# the write that clears it, and every count is derived from the leases. A new
+# allocation is complete once its owner is written (after its limiter's gen
+# and its share); a release clears the limiter's gen first. A live row
+# missing its owner or gen is an allocation or release cut short and is
+# dropped, returning its share. A changed share is written before its limiter
+# speeds up and after it slows down. The index and free list are rebuilt
+# from the live flags, which ``insert`` sets after the key and ``delete``
+# clears before the row is listed free.
 STREAM = np.dtype(
     [
         ("live", _I8),
@@ -268,7 +291,8 @@ KEY_MAX_BYTES = 128
 INDEX_EMPTY = -1
 INDEX_TOMB = -2
 
-# Lease (``LEASE``, 16 bytes): one connection slot. ``owner`` is 0 when free.
+# Lease (``LEASE``, 16 bytes): one connection slot. ``owner`` is 0 when free;
+# writing it (after ``row``) takes the slot, clearing it gives the slot back.
 LEASE = np.dtype([("owner", _I8), ("row", _I8)])
 LEASE_WORDS = LEASE.itemsize // WORD
 L_OWNER = 0

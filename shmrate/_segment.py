@@ -252,6 +252,17 @@ class Segment:
     def param(self, i: int) -> int:
         return int(self.words[H_P0 + i])
 
+    def refuse(self, what: str) -> LayoutMismatch:
+        """Detach from a segment found damaged; returns the error to raise.
+
+        For the checks only a kind can make (its tables against its size),
+        after the header passed ``_validate``.
+        """
+        self.close()
+        return LayoutMismatch(
+            f"shmrate: {self.name!r} ({self.shm_name}) {what}; {_fix(self.name)}"
+        )
+
     # -- lifetime ------------------------------------------------------------
 
     def close(self) -> None:
@@ -382,12 +393,16 @@ def _initialise(fd: int, shm_name: str, name: str, spec: SegmentSpec) -> mmap.mm
     return mm
 
 
+def _fix(name: str) -> str:
+    return (
+        f"unlink it (shmrate rm {name!r}) once no process uses it, then create it again"
+    )
+
+
 def _validate(
     mm: mmap.mmap, name: str, kind: int, shm_name: str, spec: SegmentSpec | None
 ) -> None:
-    fix = (
-        f"unlink it (shmrate rm {name!r}) once no process uses it, then create it again"
-    )
+    fix = _fix(name)
     size = len(mm)
     if size < HEADER_BYTES:
         raise LayoutMismatch(

@@ -17,6 +17,7 @@ the caller to hold the segment's lock. After a holder died mid-update,
 
 from __future__ import annotations
 
+import array
 import secrets
 import zlib
 
@@ -65,6 +66,7 @@ def stream_key(stream_id: object) -> bytes:
 
 
 _ZERO_ROW = memoryview(bytes(STREAM.itemsize)).cast("q")
+_EMPTY_INDEX = array.array("q", [INDEX_EMPTY])
 
 # How many stream IDs a process remembers the bytes and hash of.
 _RECENT_IDS = 4096
@@ -209,16 +211,20 @@ class StreamTable:
         return [int(r) for r in np.flatnonzero(self.records["live"] == 1)]
 
     def rebuild(self) -> None:
-        """Derive the index and the free list from the rows' live flags."""
-        for i in range(self.mask + 1):
-            self.index[i] = INDEX_EMPTY
-        live = self.live_rows()
-        for r in live:
+        """Derive the index and the free list from the rows' live flags.
+
+        The rows are the truth: ``insert`` makes a row live only once its key
+        and hash are written, and ``delete`` clears the flag before the row
+        goes on the free list, so a holder that died anywhere in between
+        leaves rows this rebuilds from exactly.
+        """
+        self.index[:] = _EMPTY_INDEX * (self.mask + 1)
+        for r in self.live_rows():
             i = self.rows[r * STREAM_WORDS + S_HASH] & self.mask
             while self.index[i] != INDEX_EMPTY:
                 i = (i + 1) & self.mask
             self.index[i] = r
-        free = sorted(set(range(self.nrows)) - set(live), reverse=True)
-        for n, r in enumerate(free):
-            self.free[n] = r
+        # Descending, so that pops hand out the lowest row first.
+        free = np.flatnonzero(self.records["live"] != 1)[::-1]
+        self.free[: len(free)] = memoryview(free.astype("<i8").tobytes()).cast("q")
         self.header[H_FREE_TOP] = len(free)

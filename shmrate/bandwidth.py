@@ -11,6 +11,7 @@ from ._base import SharedObject
 from ._layout import (
     B_GEN,
     B_OWNER_ROW,
+    BUCKET,
     BUCKET_WORDS,
     H_ALLOWED,
     H_COUNT,
@@ -57,26 +58,47 @@ def _init_tables(max_streams: int) -> Any:
 
 
 def _repair(words: memoryview) -> str:
-    """Rebuild the index and the allocated sum from the stream rows."""
+    """Rebuild the index, the limiters and the allocated sum from the rows.
+
+    A live stream row counts only if its owner and its limiter's generation
+    are both written: those are the last writes of a new allocation and the
+    generation is the first one a release clears, so a row missing either
+    is an allocation or a release cut short by its holder's death. No one
+    was handed the new limiter, and the released one's handles are already
+    refused; the row is dropped, which returns its share to the pool.
+    """
     max_streams = int(words[H_P0 + 1])
+    if _size(max_streams) != len(words) * WORD:
+        return "left alone: its size does not match its layout"
     views = TransientViews(words)
     try:
         table = StreamTable(views, _T0, max_streams)
+        records = table.records
+        gens = views.array(_first_bucket(max_streams), BUCKET, max_streams)["gen"]
+        torn = (records["live"] == 1) & ((gens == 0) | (records["owner"] <= 0))
+        records["live"][torn] = 0
+        records["value"][records["live"] != 1] = 0
         table.rebuild()
-        live = set(table.live_rows())
+        live = table.live_rows()
+        gens[records["live"] != 1] = 0  # a released stream's limiters stay refused
         buckets = views.view(_first_bucket(max_streams), max_streams * BUCKET_WORDS)
         now = monotonic_ns()
         fixed: list[str] = []
-        for r in range(max_streams):
+        for r in live:
             row = buckets[r * BUCKET_WORDS : (r + 1) * BUCKET_WORDS]
-            if r in live:
-                fixed += _bucket.repair_row(row, now)
-            else:
-                row[B_GEN] = 0  # a released stream's limiters stay refused
+            fixed += _bucket.repair_row(row, now)
+            row[B_OWNER_ROW] = r
             row.release()
-        words[H_COUNT] = sum(int(table.rows[r * STREAM_WORDS + S_VALUE]) for r in live)
-        return f"index and allocations rebuilt from {len(live)} streams; " + (
-            ", ".join(sorted(set(fixed))) or "buckets intact"
+        words[H_COUNT] = int(records["value"][live].sum())
+        # Generations are never handed out twice, or a stale limiter handle
+        # could pass for the stream that takes its row next.
+        words[H_NEXT_GEN] = max(int(words[H_NEXT_GEN]), int(gens.max()) + 1)
+        n_torn = int(torn.sum())
+        return (
+            f"index and allocations rebuilt from {len(live)} streams"
+            + (f" ({n_torn} torn, dropped)" if n_torn else "")
+            + "; "
+            + (", ".join(sorted(set(fixed))) or "limiters intact")
         )
     finally:
         views.release()
@@ -138,6 +160,11 @@ class BandwidthManager(SharedObject):
         super()._bind(seg)
         self.total = seg.param(0)
         self.max_streams = seg.param(1)
+        rows = self.max_streams
+        if not 1 <= rows <= MAX_STREAMS or _size(rows) != seg.size:
+            raise seg.refuse(
+                f"is {seg.size} bytes, which does not match its max_streams {rows}"
+            )
         self._table = StreamTable(seg, _T0, self.max_streams)
         self._first_bucket = _first_bucket(self.max_streams)
         self._buckets = seg.view(self._first_bucket, self.max_streams * BUCKET_WORDS)
@@ -176,21 +203,34 @@ class BandwidthManager(SharedObject):
                     rows[r * STREAM_WORDS + S_REFUSED] += 1
                 reap_due = _leases.auto_reap_due(words, now)
             else:
+                # Write order (a holder may die between any two writes; the
+                # repair derives the pool sum from the rows): a new stream
+                # counts once its owner is written, after its limiter; a
+                # changed share is recorded before its limiter speeds up and
+                # after it slows down, so a torn change never lets the
+                # stream run faster than the share the pool accounts for.
                 if r < 0:
                     r = table.insert(key, h)
+                    base = r * STREAM_WORDS
                     gen = words[H_NEXT_GEN]
                     words[H_NEXT_GEN] = gen + 1
                     bucket = self._bucket(r)
                     _bucket.init_row(bucket, rate, now, gen)
                     bucket[B_OWNER_ROW] = r
+                    rows[base + S_VALUE] = rate
                 else:
+                    base = r * STREAM_WORDS
                     bucket = self._bucket(r)
                     gen = bucket[B_GEN]
-                    _bucket.set_rate(bucket, rate, now)
+                    if rate > old:
+                        rows[base + S_VALUE] = rate
+                        _bucket.set_rate(bucket, rate, now)
+                    else:
+                        _bucket.set_rate(bucket, rate, now)
+                        rows[base + S_VALUE] = rate
                 bucket.release()
-                rows[r * STREAM_WORDS + S_VALUE] = rate
-                rows[r * STREAM_WORDS + S_OWNER] = _owner._token
-                rows[r * STREAM_WORDS + S_ALLOWED] += 1
+                rows[base + S_OWNER] = _owner._token
+                rows[base + S_ALLOWED] += 1
                 words[H_COUNT] += rate - old
                 words[H_ALLOWED] += 1
         finally:
@@ -218,12 +258,14 @@ class BandwidthManager(SharedObject):
             self._release()
 
     def _release_row(self, r: int) -> None:
-        """Caller holds the lock. The pool sum first, so a torn release
-        errs towards less bandwidth handed out, never more."""
+        """Caller holds the lock. The limiter's generation first: from that
+        write on its handles are refused, and a holder that dies after it
+        leaves a row the repair drops, returning the share. (Clearing the
+        share first would free it for others while the limiter still ran.)"""
         table = self._table
+        self._buckets[r * BUCKET_WORDS + B_GEN] = 0
         self._words[H_COUNT] -= table.rows[r * STREAM_WORDS + S_VALUE]
         table.rows[r * STREAM_WORDS + S_VALUE] = 0
-        self._buckets[r * BUCKET_WORDS + B_GEN] = 0
         table.delete(r)
         self._limiters.pop(r, None)
 

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from time import monotonic_ns
 from typing import Any
 
+import numpy as np
+
 from . import _check, _leases, _owner
 from ._base import SharedObject
 from ._layout import (
@@ -26,7 +28,6 @@ from ._layout import (
     LEASE,
     LEASE_WORDS,
     S_ALLOWED,
-    S_LIVE,
     S_REFUSED,
     S_VALUE,
     STREAM_WORDS,
@@ -50,6 +51,7 @@ os.register_at_fork(after_in_child=_forget_parents_leases)
 log = logging.getLogger("shmrate")
 
 _T0 = HEADER_BYTES // WORD
+_I8 = np.dtype("<i8")
 MAX_TOTAL = 1 << 20
 
 
@@ -76,39 +78,42 @@ def _init_tables(max_total: int) -> Any:
 
 
 def _repair(words: memoryview) -> str:
-    """Derive every count from the live leases (they are the truth)."""
+    """Derive every count from the live leases (they are the truth).
+
+    A lease is taken when its owner is written and given back when the owner
+    is cleared; every other write of ``try_acquire`` and ``release`` (the
+    stream row, the counts, the free lists) is derived here, so a holder that
+    died between any two of them has taken or given back exactly that lease.
+    """
     max_total = int(words[H_P0 + 1])
+    if _size(max_total) != len(words) * WORD:
+        return "left alone: its size does not match its layout"
     views = TransientViews(words)
     try:
         table = StreamTable(views, _T0, max_total)
+        records = table.records
         first_lease, first_free = _places(max_total)
-        leases = views.view(first_lease, max_total * LEASE_WORDS)
-        free = views.view(first_free, max_total)
-        rows = table.rows
-        counts = [0] * max_total
-        dropped = 0
-        for i in range(max_total):
-            b = i * LEASE_WORDS
-            if leases[b + L_OWNER] == 0:
-                continue
-            r = leases[b + L_ROW]
-            if 0 <= r < max_total and rows[r * STREAM_WORDS + S_LIVE] == 1:
-                counts[r] += 1
-            else:  # written before its stream row was complete
-                leases[b + L_OWNER] = 0
-                dropped += 1
-        for r in range(max_total):
-            rows[r * STREAM_WORDS + S_VALUE] = counts[r]
-            rows[r * STREAM_WORDS + S_LIVE] = 1 if counts[r] else 0
+        leases = views.array(first_lease, LEASE, max_total)
+        rows_of = leases["row"]
+        held = leases["owner"] != 0
+        counted = held & (rows_of >= 0) & (rows_of < max_total)
+        counted[counted] = records["live"][rows_of[counted]] == 1
+        # A lease whose stream row is not live cannot come from the writes
+        # above (the row is made live first and freed last); only damage
+        # leaves one, and it is dropped rather than trusted.
+        dropped = int((held & ~counted).sum())
+        leases["owner"][held & ~counted] = 0
+        counts = np.bincount(rows_of[counted], minlength=max_total)
+        records["value"] = counts
+        records["live"] = counts > 0
         table.rebuild()
-        n_free = 0
-        for i in reversed(range(max_total)):
-            if leases[i * LEASE_WORDS + L_OWNER] == 0:
-                free[n_free] = i
-                n_free += 1
-        words[H_LEASE_FREE] = n_free
-        words[H_COUNT] = sum(counts)
-        return f"counts rebuilt from {sum(counts)} live leases ({dropped} torn)"
+        # Free leases in descending order: pops hand out the lowest first.
+        free = np.flatnonzero(leases["owner"] == 0)[::-1]
+        views.array(first_free, _I8, max_total)[: len(free)] = free
+        words[H_LEASE_FREE] = len(free)
+        total = int(counts.sum())
+        words[H_COUNT] = total
+        return f"counts rebuilt from {total} live leases ({dropped} dropped)"
     finally:
         views.release()
 
@@ -163,6 +168,11 @@ class ConnectionLimiter(SharedObject):
         super()._bind(seg)
         self.max_per_stream = seg.param(0)
         self.max_total = seg.param(1)
+        if not 1 <= self.max_total <= MAX_TOTAL or _size(self.max_total) != seg.size:
+            raise seg.refuse(
+                f"is {seg.size} bytes, which does not match its max_total "
+                f"{self.max_total}"
+            )
         self._table = StreamTable(seg, _T0, self.max_total)
         first_lease, first_free = _places(self.max_total)
         self._leases = seg.view(first_lease, self.max_total * LEASE_WORDS)
@@ -197,6 +207,7 @@ class ConnectionLimiter(SharedObject):
                 top = words[H_LEASE_FREE] - 1
                 lease = self._lease_free[top]
                 words[H_LEASE_FREE] = top
+                # The owner after the row: writing it takes the slot.
                 leases[lease * LEASE_WORDS + L_ROW] = r
                 leases[lease * LEASE_WORDS + L_OWNER] = _owner._token
                 rows[r * STREAM_WORDS + S_VALUE] = count + 1
@@ -242,8 +253,12 @@ class ConnectionLimiter(SharedObject):
         return int(hits.nonzero()[0][0])
 
     def _free_lease(self, lease: int, r: int) -> None:
-        """Free ``lease`` of stream row ``r``. Caller holds the lock."""
-        words, rows = self._seg.words, self._table.rows
+        """Free ``lease`` of stream row ``r``. Caller holds the lock.
+
+        Clearing the owner gives the slot back (see ``_repair``); the rest
+        follows from it.
+        """
+        words, rows = self._words, self._table.rows
         self._leases[lease * LEASE_WORDS + L_OWNER] = 0
         top = words[H_LEASE_FREE]
         self._lease_free[top] = lease

@@ -53,13 +53,24 @@ def _closed(*_: object) -> None:
     raise posix_ipc.ExistentialError("closed")
 
 
+_SIZE = HEADER_BYTES + BUCKET.itemsize
+
+
 def _repair_bucket_segment(words: memoryview) -> str:
+    if len(words) * WORD != _SIZE:
+        return "left alone: its size does not match its layout"
     row = words[_ROW0 : _ROW0 + BUCKET_WORDS]
     try:
         fixed = _bucket.repair_row(row, monotonic_ns())
     finally:
         row.release()
     return ", ".join(fixed) or "nothing needed repair"
+
+
+def _checked(seg: Segment) -> Segment:
+    if seg.size != _SIZE:
+        raise seg.refuse(f"is {seg.size} bytes, not the {_SIZE} of a TokenBucket")
+    return seg
 
 
 class TokenBucket:
@@ -111,8 +122,8 @@ class TokenBucket:
                 words[_ROW0 : _ROW0 + BUCKET_WORDS], rate, monotonic_ns(), 1
             )
 
-        spec = SegmentSpec(KIND_BUCKET, HEADER_BYTES + BUCKET.itemsize, (), init_tables)
-        seg = Segment.attach(name, KIND_BUCKET, spec, _repair_bucket_segment)
+        spec = SegmentSpec(KIND_BUCKET, _SIZE, (), init_tables)
+        seg = _checked(Segment.attach(name, KIND_BUCKET, spec, _repair_bucket_segment))
         self._bind(seg, _ROW0, 1, owns=True)
         existing = self._row[B_RATE]
         if existing != rate:
@@ -127,7 +138,7 @@ class TokenBucket:
     def open(cls, name: str) -> TokenBucket:
         """Open the existing bucket ``name``; ``SegmentMissing`` (a
         ``FileNotFoundError``) if there is none."""
-        seg = Segment.attach(name, KIND_BUCKET, None, _repair_bucket_segment)
+        seg = _checked(Segment.attach(name, KIND_BUCKET, None, _repair_bucket_segment))
         self = cls.__new__(cls)
         self._bind(seg, _ROW0, 1, owns=True)
         return self
