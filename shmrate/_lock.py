@@ -16,7 +16,9 @@ Taking over never posts the semaphore: the recovering waiter becomes the holder
 (it writes its own token and runs the segment's repair), so the semaphore's
 value never exceeds 1. Waiters that see the same dead holder race for an
 ``flock`` on a fresh descriptor of the segment; the kernel drops that lock if
-the recoverer dies too, and the loser goes back to waiting.
+the recoverer dies too, and the loser goes back to waiting. The descriptor is
+reopened from one the segment keeps, so a takeover works even after the name
+was unlinked.
 
 A live holder that is stopped (SIGSTOP, a debugger) for longer than
 ``UNRECORDED_HOLDER_S`` between acquiring and recording itself would be taken
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import time
 from collections.abc import Callable
 from time import monotonic_ns
@@ -64,13 +67,13 @@ class SegmentLock:
         self,
         sem: posix_ipc.Semaphore,
         words: memoryview,
-        shm_name: str,
+        fd: int,
         label: str,
         repair: Callable[[memoryview], str],
     ) -> None:
         self.sem = sem
         self.words = words
-        self.shm_name = shm_name
+        self.fd = fd
         self.label = label
         self.repair = repair
         self._sem_acquire = sem.acquire
@@ -122,13 +125,17 @@ class SegmentLock:
 
     def _take_over(self, expected: int) -> bool:
         """Become the holder in place of a dead one; True if this process did."""
+        # A descriptor of its own (a new open file description), so that the
+        # flock excludes other threads of this process too. Reopened through
+        # /proc from the descriptor the segment keeps, so it is this segment
+        # even after its name was unlinked or reused.
         try:
-            shm = posix_ipc.SharedMemory(self.shm_name)
-        except posix_ipc.ExistentialError:
-            return False
+            fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR)
+        except OSError:
+            fd = os.dup(self.fd)  # no /proc: threads of one process share it
         try:
             try:
-                fcntl.flock(shm.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False  # another waiter is recovering; wait for it
             if self.words[H_HOLDER] != expected:
@@ -145,4 +152,4 @@ class SegmentLock:
             log.warning("%s: took over the lock from %s; %s", self.label, who, what)
             return True
         finally:
-            shm.close_fd()  # drops the flock (nothing else shares this descriptor)
+            os.close(fd)  # drops the flock (nothing else shares this descriptor)

@@ -149,6 +149,7 @@ class Segment:
         mm: mmap.mmap,
         sem: posix_ipc.Semaphore,
         repair: Callable[[memoryview], str],
+        fd: int,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -158,7 +159,8 @@ class Segment:
         self._mm = mm
         self.words = memoryview(mm).cast("q")
         self.sem = sem
-        self.lock = SegmentLock(sem, self.words, shm_name, self.label, repair)
+        self.fd = fd
+        self.lock = SegmentLock(sem, self.words, fd, self.label, repair)
         self.closed = False
         # Views handed out, released at close. Weakly held: a view nobody
         # uses any more (a stale limiter's row) goes with its last reference.
@@ -200,11 +202,11 @@ class Segment:
         except posix_ipc.PermissionsError as e:
             raise PermissionError(f"shmrate: {name!r}: {e}") from None
         try:
-            mm = _map(name, kind, shm_name, spec)
+            mm, fd = _map(name, kind, shm_name, spec)
         except BaseException:
             sem.close()
             raise
-        seg = cls(name, kind, shm_name, mm, sem, repair)
+        seg = cls(name, kind, shm_name, mm, sem, repair, fd)
         if anonymous:
             seg._finalizer = weakref.finalize(
                 seg, _unlink_if_creator, shm_name, os.getpid()
@@ -278,6 +280,7 @@ class Segment:
         self._views.clear()
         self.words.release()
         self.sem.close()
+        os.close(self.fd)
         try:
             self._mm.close()
         except BufferError:
@@ -306,8 +309,14 @@ def _missing_message(kind: int, name: str) -> str:
     return f"shmrate: no {KIND_NAMES.get(kind, 'segment')} named {name!r} on this host"
 
 
-def _map(name: str, kind: int, shm_name: str, spec: SegmentSpec | None) -> mmap.mmap:
-    """Open, size if new, validate and map the shared memory of ``name``."""
+def _map(
+    name: str, kind: int, shm_name: str, spec: SegmentSpec | None
+) -> tuple[mmap.mmap, int]:
+    """Open, size if new, validate and map the shared memory of ``name``.
+
+    Returns the mapping and a descriptor of the same object, kept for the
+    lock's takeover (which must find this object even after an unlink).
+    """
     flags = posix_ipc.O_CREAT if spec is not None else 0
     while True:
         try:
@@ -329,14 +338,14 @@ def _map(name: str, kind: int, shm_name: str, spec: SegmentSpec | None) -> mmap.
                         f"shmrate: {name!r} ({shm_name}) was left half-created by a "
                         "process that died; unlink it (shmrate rm) and create it again"
                     )
-                return _initialise(shm.fd, shm_name, name, spec)
+                return _initialise(shm.fd, shm_name, name, spec), os.dup(shm.fd)
             mm = mmap.mmap(shm.fd, size)
             try:
                 _validate(mm, name, kind, shm_name, spec)
             except BaseException:
                 mm.close()
                 raise
-            return mm
+            return mm, os.dup(shm.fd)
         finally:
             # Unlock explicitly: mmap keeps a dup of the descriptor, which
             # would otherwise hold the flock for as long as the mapping lives.

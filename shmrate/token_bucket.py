@@ -193,26 +193,27 @@ class TokenBucket:
             raise self._closed_error() from None
         words[H_HOLDER] = _owner._token
         now = monotonic_ns()
-        if row[B_GEN] != self._gen:
+        try:
+            if row[B_GEN] != self._gen:
+                raise self._stale_error()
+            if now - row[B_LAST] >= NS_PER_MS:
+                _bucket.refill(row, now)
+            tokens = row[B_TOKENS]
+            need = n * MT
+            if tokens >= need:
+                row[B_TOKENS] = tokens - need
+                row[B_ALLOWED_CALLS] += 1
+                row[B_ALLOWED_UNITS] += n
+                return True
+            row[B_REFUSED_CALLS] += 1
+            row[B_REFUSED_UNITS] += n
+            return False
+        finally:
+            # On an exception too (a signal handler that raises in here): a
+            # process that lives on must never keep the lock. A try block
+            # costs nothing until something is raised.
             words[H_HOLDER] = -now
             self._release()
-            raise self._stale_error()
-        if now - row[B_LAST] >= NS_PER_MS:
-            _bucket.refill(row, now)
-        tokens = row[B_TOKENS]
-        need = n * MT
-        if tokens >= need:
-            row[B_TOKENS] = tokens - need
-            row[B_ALLOWED_CALLS] += 1
-            row[B_ALLOWED_UNITS] += n
-            words[H_HOLDER] = -now
-            self._release()
-            return True
-        row[B_REFUSED_CALLS] += 1
-        row[B_REFUSED_UNITS] += n
-        words[H_HOLDER] = -now
-        self._release()
-        return False
 
     # -- waits -------------------------------------------------------------------
 

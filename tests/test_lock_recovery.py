@@ -118,3 +118,16 @@ def _ping(pid: int, seconds: float) -> None:
 def _kill_after(pid: int, delay_s: float) -> None:
     time.sleep(delay_s)
     os.kill(pid, signal.SIGKILL)
+
+
+def test_a_holder_that_dies_after_the_name_was_unlinked_is_taken_over(
+    name: str,
+) -> None:
+    with TokenBucket(1000, name=name) as b:
+        holder = start_holder(name, record_holder=True)
+        b.unlink()  # the processes attached keep using the segment
+        kill(holder)
+        t0 = time.monotonic()
+        assert b.allow()
+        assert time.monotonic() - t0 < 0.8
+        assert b._seg.words[H_RECOVERIES] == 1
