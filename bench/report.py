@@ -264,8 +264,7 @@ def _accuracy(results: dict[str, Any]) -> str:
     return (
         "## Accuracy under a flood\n\n"
         "*allowed* is the most the algorithm admits: rate x time plus its burst "
-        "(a token bucket's capacity, plus one refill step for shmrate, which "
-        "credits time in whole milliseconds; one window for window algorithms; "
+        "(a token bucket's capacity; one window for window algorithms; "
         "one more second's lump for throttled-py's whole-second refill). A window "
         "algorithm reaches it only when a run ends just after a window opens, "
         "so rate x time alone, 75% of it at 500/s over 3 s, is its full use.\n\n"
