@@ -94,6 +94,14 @@ class SegmentLock:
         self.words[H_HOLDER] = -monotonic_ns()
         self._sem_release()
 
+    def __enter__(self) -> memoryview:
+        """``with lock as words:`` holds the lock for the block."""
+        self.acquire()
+        return self.words
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
     def wait_slow(self) -> None:
         """Wait for the lock after a first timed wait ran out or was interrupted.
 

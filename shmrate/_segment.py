@@ -35,7 +35,7 @@ import os
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,13 +243,9 @@ class Segment:
         self._arrays.append(a)
         return a
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[memoryview]:
-        self.lock.acquire()
-        try:
-            yield self.words
-        finally:
-            self.lock.release()
+    def locked(self) -> SegmentLock:
+        """``with seg.locked() as words:`` holds the segment's lock."""
+        return self.lock
 
     def param(self, i: int) -> int:
         return int(self.words[H_P0 + i])

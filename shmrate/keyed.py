@@ -53,7 +53,7 @@ from ._layout import (
     MT,
     NS_PER_MS,
 )
-from ._lock import LOCK_SLICE_S, SLOW
+from ._lock import LOCK_SLICE_S, SLOW, SegmentLock
 from ._segment import Segment, SegmentSpec
 from .errors import ClosedError, WaitTimeout
 
@@ -606,28 +606,8 @@ class KeyedTokenBucket:
 
     # -- plumbing ---------------------------------------------------------------
 
-    class _Locked:
-        __slots__ = ("_k",)
-
-        def __init__(self, k: KeyedTokenBucket) -> None:
-            self._k = k
-
-        def __enter__(self) -> memoryview:
-            k = self._k
-            try:
-                k._acquire(LOCK_SLICE_S)
-            except SLOW:
-                k._seg.lock.wait_slow()
-            except posix_ipc.ExistentialError:
-                raise k._closed_error() from None
-            k._words[H_HOLDER] = _owner._token
-            return k._words
-
-        def __exit__(self, *exc: object) -> None:
-            self._k._unlock()
-
-    def _locked(self) -> KeyedTokenBucket._Locked:
-        return KeyedTokenBucket._Locked(self)
+    def _locked(self) -> SegmentLock:
+        return self._seg.lock
 
     def _unlock(self) -> None:
         self._words[H_HOLDER] = -monotonic_ns()

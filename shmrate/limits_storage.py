@@ -302,7 +302,7 @@ class ShmrateStorage(Storage, SlidingWindowCounterSupport):
     def get(self, key: str) -> int:
         """The count of ``key`` (0 if it has none or it expired)."""
         key = _str_key(key)
-        with _Locked(self) as w:
+        with self._seg.lock as w:
             now = monotonic_ns()
             base = self._row(_FIXED, self._fixed, key, now, False)
             if base < 0 or w[base + _DEAD] <= now:
@@ -313,7 +313,7 @@ class ShmrateStorage(Storage, SlidingWindowCounterSupport):
         """When the counter of ``key`` expires, in ``time.time()`` seconds
         (now if it has none)."""
         key = _str_key(key)
-        with _Locked(self) as w:
+        with self._seg.lock as w:
             now = monotonic_ns()
             wall = time.time()
             base = self._row(_FIXED, self._fixed, key, now, False)
@@ -324,7 +324,7 @@ class ShmrateStorage(Storage, SlidingWindowCounterSupport):
     def clear(self, key: str) -> None:
         """Forget the counter of ``key``."""
         key = _str_key(key)
-        with _Locked(self):
+        with self._seg.lock:
             self._drop(_FIXED, self._fixed, key)
 
     # -- sliding window counter -------------------------------------------------
@@ -392,7 +392,7 @@ class ShmrateStorage(Storage, SlidingWindowCounterSupport):
         seconds until the current window's hits stop counting)."""
         key = _str_key(key)
         _expiry_ns(expiry)
-        with _Locked(self):
+        with self._seg.lock:
             now = monotonic_ns()
             wall = time.time()
             base = self._row(_SLIDING, self._sliding, key, now, False)
@@ -403,7 +403,7 @@ class ShmrateStorage(Storage, SlidingWindowCounterSupport):
     def clear_sliding_window(self, key: str, expiry: int) -> None:
         """Forget both windows of ``key``."""
         key = _str_key(key)
-        with _Locked(self):
+        with self._seg.lock:
             self._drop(_SLIDING, self._sliding, key)
 
     def _slide(
@@ -508,19 +508,19 @@ class ShmrateStorage(Storage, SlidingWindowCounterSupport):
         """True while this process can use the storage."""
         if self._acquire is _closed:
             return False
-        with _Locked(self):
+        with self._seg.lock:
             return True
 
     def reset(self) -> int | None:
         """Forget every counter; returns how many there were."""
-        with _Locked(self):
+        with self._seg.lock:
             self._fixed.clear()
             self._sliding.clear()
             return self._table.clear()
 
     def stats(self) -> dict[str, int]:
         """Counters of the table, shared by all processes."""
-        with _Locked(self) as w:
+        with self._seg.lock as w:
             return {
                 "keys": int(w[H_COUNT]),
                 "max_keys": self._table.g.max_keys,
@@ -559,20 +559,6 @@ class ShmrateStorage(Storage, SlidingWindowCounterSupport):
         return (
             f"<ShmrateStorage {self.name!r} keys={w[H_COUNT]}/{self._table.g.max_keys}>"
         )
-
-
-class _Locked:
-    __slots__ = ("_s",)
-
-    def __init__(self, s: ShmrateStorage) -> None:
-        self._s = s
-
-    def __enter__(self) -> memoryview:
-        self._s._lock()
-        return self._s._words
-
-    def __exit__(self, *exc: object) -> None:
-        self._s._unlock()
 
 
 def _str_key(key: object) -> str:
