@@ -14,7 +14,7 @@ twice as many slots as rows, so probe chains stay short. A slot holds the low 31
 bits of the hash (which include the home slot) beside the row number, so a
 probe compares the key's bytes only when those bits match, and a deletion can
 shift later entries back into the gap without reading their rows: there are
-never tombstones (the header's ``tombs`` word stays 0).
+never tombstones.
 
 Giving a new key a row, in this order:
 

@@ -24,7 +24,7 @@ Header (``HEADER``, 512 bytes at offset 0)::
     17    count         connections held / bytes/s allocated /    every holder
                         keys live (by kind)
     18    free_top      entries on the stream rows' free list     every holder
-    19    tombs         deleted slots in the stream index         every holder
+    19    (spare, 0)    no index keeps tombstones
     20    next_gen      the next generation number to hand out    every holder
     21    last_reap_ns  monotonic time of the last automatic reap reaper
     22    seed          random seed of the stream-key hash        creator, once
@@ -136,7 +136,7 @@ HEADER = np.dtype(
         ("name_len", _I8),
         ("count", _I8),
         ("free_top", _I8),
-        ("tombs", _I8),
+        ("spare19", _I8),
         ("next_gen", _I8),
         ("last_reap_ns", _I8),
         ("seed", _I8),
@@ -165,7 +165,6 @@ H_P0 = 10
 H_NAME_LEN = 16
 H_COUNT = 17
 H_FREE_TOP = 18
-H_TOMBS = 19
 H_NEXT_GEN = 20
 H_LAST_REAP_NS = 21
 H_SEED = 22
@@ -227,8 +226,8 @@ NS_PER_MS = 1_000_000
 
 
 # Stream row (``STREAM``, 192 bytes), for ConnectionLimiter and BandwidthManager.
-# Rows never move: the open-addressing index (one int64 slot per entry: EMPTY,
-# TOMB or a row number) points at them, and a free list holds the unused ones::
+# Rows never move: the open-addressing index (one int64 slot per entry: EMPTY
+# or a row number) points at them, and a free list holds the unused ones::
 #
 #     word  field     unit / meaning
 #     0     live      1 while the row holds a stream
@@ -289,7 +288,6 @@ S_KEY_BYTE = STREAM.fields["key"][1]  # type: ignore[index]
 KEY_MAX_BYTES = 128
 
 INDEX_EMPTY = -1
-INDEX_TOMB = -2
 
 # Lease (``LEASE``, 16 bytes): one connection slot. ``owner`` is 0 when free;
 # writing it (after ``row``) takes the slot, clearing it gives the slot back.
