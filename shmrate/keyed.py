@@ -310,54 +310,53 @@ class KeyedTokenBucket:
             raise self._closed_error() from None
         w[H_HOLDER] = _owner._token
         now = monotonic_ns()
-        if hit is None or w[base := hit & _BASE_MASK] != hit >> 32:
-            try:
+        try:
+            if hit is None or w[base := hit & _BASE_MASK] != hit >> 32:
                 base = self._row_for(
                     key, now, n * MT <= _bucket.capacity_mt_for(w[T_RATE])
                 )
-            except BaseException:
-                self._unlock()
-                raise
-            if base < 0:
-                # An unknown key asked for more than a full bucket holds.
-                return self._refuse(n, now)
-        w[base + _USED_AT] = now
-        tokens = w[base + _TOKENS]
-        last = w[base + _LAST]
-        if now - last >= NS_PER_MS:
-            if tokens:
-                # _bucket.refill inlined for the common case. A bucket with
-                # tokens has no queue (row invariant), so the refill goes to
-                # the bucket: whole milliseconds, the rest credited later,
-                # unless the bucket fills (then the remainder is dropped).
-                ms = (now - last) // NS_PER_MS
-                tokens += ms * w[base + _RATE]
-                cap = w[base + _CAP]
-                if tokens >= cap:
-                    tokens = cap
-                    w[base + _LAST] = now
+                if base < 0:
+                    # An unknown key asked for more than a full bucket holds.
+                    return self._refused(n)
+            w[base + _USED_AT] = now
+            tokens = w[base + _TOKENS]
+            last = w[base + _LAST]
+            if now - last >= NS_PER_MS:
+                if tokens:
+                    # _bucket.refill inlined for the common case. A bucket with
+                    # tokens has no queue (row invariant), so the refill goes to
+                    # the bucket: whole milliseconds, the rest credited later,
+                    # unless the bucket fills (then the remainder is dropped).
+                    ms = (now - last) // NS_PER_MS
+                    tokens += ms * w[base + _RATE]
+                    cap = w[base + _CAP]
+                    if tokens >= cap:
+                        tokens = cap
+                        w[base + _LAST] = now
+                    else:
+                        w[base + _LAST] = last + ms * NS_PER_MS
                 else:
-                    w[base + _LAST] = last + ms * NS_PER_MS
-            else:
-                self._refill(base, now)
-                tokens = w[base + _TOKENS]
-        need = n * MT
-        if tokens >= need:
-            w[base + _TOKENS] = tokens - need
-            w[T_ALLOWED_CALLS] += 1
-            w[T_ALLOWED_UNITS] += n
+                    self._refill(base, now)
+                    tokens = w[base + _TOKENS]
+            need = n * MT
+            if tokens >= need:
+                w[base + _TOKENS] = tokens - need
+                w[T_ALLOWED_CALLS] += 1
+                w[T_ALLOWED_UNITS] += n
+                return True
+            w[base + _TOKENS] = tokens
+            return self._refused(n)
+        finally:
+            # On an exception too (a bad key, a signal handler that raises):
+            # a process that lives on must never keep the lock.
             w[H_HOLDER] = -now
             self._release()
-            return True
-        w[base + _TOKENS] = tokens
-        return self._refuse(n, now)
 
-    def _refuse(self, n: int, now: int) -> bool:
+    def _refused(self, n: int) -> bool:
+        """Count a refusal of ``n``; returns False. Caller holds the lock."""
         w = self._words
         w[T_REFUSED_CALLS] += 1
         w[T_REFUSED_UNITS] += n
-        w[H_HOLDER] = -now
-        self._release()
         return False
 
     # -- rows (caller holds the lock) ------------------------------------------
@@ -608,10 +607,6 @@ class KeyedTokenBucket:
 
     def _locked(self) -> SegmentLock:
         return self._seg.lock
-
-    def _unlock(self) -> None:
-        self._words[H_HOLDER] = -monotonic_ns()
-        self._release()
 
     def _closed_error(self) -> ClosedError:
         return ClosedError(
