@@ -273,13 +273,7 @@ class ShmrateStorage(Storage, SlidingWindowCounterSupport):
             period_ns = _expiry_ns(expiry)
         w = self._words
         hit = self._fixed_get(key)
-        try:
-            self._acquire(LOCK_SLICE_S)
-        except SLOW:
-            self._seg.lock.wait_slow()
-        except posix_ipc.ExistentialError:
-            raise self._closed_error() from None
-        w[H_HOLDER] = _owner._token
+        self._lock()
         now = monotonic_ns()
         if hit is None or w[base := hit & _BASE_MASK] != hit >> 32:
             try:
@@ -354,13 +348,7 @@ class ShmrateStorage(Storage, SlidingWindowCounterSupport):
         hit = self._sliding_get(key)
         wall = time.time()
         window = int(wall / expiry)
-        try:
-            self._acquire(LOCK_SLICE_S)
-        except SLOW:
-            self._seg.lock.wait_slow()
-        except posix_ipc.ExistentialError:
-            raise self._closed_error() from None
-        w[H_HOLDER] = _owner._token
+        self._lock()
         now = monotonic_ns()
         if hit is None or w[base := hit & _BASE_MASK] != hit >> 32:
             try:
